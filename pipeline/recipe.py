@@ -1,0 +1,349 @@
+"""The recipe: the single home of every build option.
+
+Each option is declared once here, with its type, default and a one-line
+description (``Field(description=...)``). The same declaration validates the
+YAML, fills in defaults, feeds ``qpipe recipe-doc`` (the README table) and is
+what CLI overrides are checked against. A recipe is parsed once into a
+:class:`Recipe`; an unknown key or a wrong type is a :class:`UserError` that
+names the key and, where the YAML has it, the line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml  # PyYAML: the YAML parser, with node marks for line numbers in errors
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, PrivateAttr, field_validator
+
+from pipeline.errors import UserError
+
+
+class _Section(BaseModel):
+    # strict: "5" is not 5 and true is not 1; forbid: a misspelt key is an error, not a silent default.
+    model_config = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
+
+
+class InputSpec(_Section):
+    """How a face crop becomes the model's input tensor."""
+
+    name: str | None = Field(None, description="Model input name; null: the model's first input.")
+    size: list[int] = Field([112, 112], description="Input height and width in pixels.")
+    channels: Literal["RGB", "BGR"] = Field("RGB", description="Channel order the model expects.")
+    layout: Literal["NCHW"] = Field("NCHW", description="Tensor layout.")
+    scale: Literal["raw", "mean_std"] = Field(
+        "raw", description="raw: pixels 0..255 as float (normalisation inside the graph); mean_std: (x - mean) / std."
+    )
+    mean: list[float] = Field([127.5, 127.5, 127.5], description="Per-channel mean for scale: mean_std (model channel order).")
+    std: list[float] = Field([128.0, 128.0, 128.0], description="Per-channel std for scale: mean_std (model channel order).")
+    output: str | None = Field(None, description="Embedding output name; null: the model's first output.")
+
+    @field_validator("size")
+    @classmethod
+    def _two_positive(cls, v: list[int]) -> list[int]:
+        if len(v) != 2 or min(v) <= 0:
+            raise ValueError("must be [height, width] with two positive integers")
+        return v
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _three(cls, v: list[float]) -> list[float]:
+        if len(v) != 3:
+            raise ValueError("must have three values, one per channel")
+        return v
+
+
+class Source(_Section):
+    """A file fetched by `qpipe download`: mirrors tried in order, pinned by sha256."""
+
+    urls: list[str] = Field(..., description="Mirrors tried in order: https://, http://, file:// or a local path.")
+    sha256: str | None = Field(None, description="Expected sha256 (hex); null: record the hash and warn that it is not pinned.")
+    member: str | None = Field(None, description="File inside a zip archive to extract (read by HTTP range requests); null: the URL is the file.")
+    filename: str | None = Field(None, description="Name in the cache; null: from the URL or member.")
+
+    @field_validator("urls")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one URL or path")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v.lower())):
+            raise ValueError("must be 64 hexadecimal characters")
+        return v.lower() if v else v
+
+
+class ModelSource(Source):
+    input: InputSpec = Field(default_factory=InputSpec, description="Preprocessing: how images become the model input.")
+
+
+class ConvertSection(_Section):
+    opset: int = Field(11, description="Target opset for onnx.version_converter.")
+    dynamic_batch: bool = Field(True, description="Make the batch dimension symbolic so verification can run batches.")
+    check_samples: int = Field(8, description="Images run through source and converted model in the equivalence gate.")
+    min_cosine: float = Field(0.99999, description="Equivalence gate: every embedding's cosine to the source must reach this.")
+
+
+class CalibrationSection(_Section):
+    samples: int = Field(200, description="Number of calibration images drawn from the calibration set.")
+    seed: int = Field(0, description="Seed for the choice of calibration images (same seed, same images).")
+    batch: int = Field(1, description="Calibration batch size (needs a dynamic batch when > 1).")
+    flip: bool = Field(False, description="Also feed the horizontal flip of each calibration image.")
+
+    @field_validator("samples", "batch")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("must be a positive integer")
+        return v
+
+
+class TuningSection(_Section):
+    enabled: bool = Field(False, description="INC accuracy-aware tuning (engine inc only).")
+    criterion: Literal["relative", "absolute"] = Field("absolute", description="How tolerable_loss is measured.")
+    tolerable_loss: float = Field(0.001, description="Accuracy loss INC's tuner accepts (fraction).")
+    max_trials: int = Field(5, description="Upper bound on INC tuning trials.")
+    eval_pairs: int = Field(600, description="LFW pairs (from the start, whole folds) the tuner evaluates on.")
+
+
+class RecoverySection(_Section):
+    enabled: bool = Field(False, description="When int8 misses the target, repair root causes, then fall back sensitive nodes to fp32.")
+    max_accuracy_drop: float | None = Field(None, description="Target drop in LFW points; null: gate.max_accuracy_drop.")
+    eval_pairs: int = Field(1200, description="Pairs of the evaluation subset used while recovering.")
+    max_fp32_nodes: int = Field(10, description="Upper bound on nodes returned to fp32.")
+
+
+class QuantizationSection(_Section):
+    engine: Literal["inc", "ort"] = Field("inc", description="inc: Intel Neural Compressor 3.7 fit(); ort: onnxruntime quantize_static.")
+    approach: Literal["static"] = Field("static", description="Post-training static quantization.")
+    format: Literal["QOperator", "QDQ"] = Field("QOperator", description="Quantized graph format.")
+    per_channel: bool = Field(False, description="Per-channel weight scales.")
+    calibration_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="Activation range estimator.")
+    op_types_to_quantize: list[str] | None = Field(None, description="Op types to quantize; null: the engine's default set.")
+    op_types_to_exclude: list[str] = Field([], description="Op types left in fp32.")
+    nodes_to_exclude: list[str] = Field([], description="Node names left in fp32.")
+    inc_recipes: dict[str, Any] = Field({}, description="Passed through as PostTrainingQuantConfig(recipes=...).")
+    extra_options: dict[str, Any] = Field({}, description="Passed through as onnxruntime quantize_static(extra_options=...).")
+    tuning: TuningSection = Field(default_factory=TuningSection, description="INC accuracy-aware tuning.")
+    recovery: RecoverySection = Field(default_factory=RecoverySection, description="Accuracy recovery (diagnose, repair, fp32 fallback).")
+
+
+class VerifySection(_Section):
+    pairs: int | None = Field(None, description="Use only the first N pairs (a subset gate, reported as such); null: all.")
+    folds: int = Field(10, description="Cross-validation folds (insightface: 10, without shuffle).")
+    flip: bool = Field(True, description="Sum the embeddings of image and horizontal flip (insightface protocol).")
+    batch: int = Field(16, description="Batch size for embedding when the model has a dynamic batch.")
+    threads: int | None = Field(None, description="onnxruntime intra-op threads for latency; null: all physical cores.")
+    warmup: int = Field(10, description="Warm-up runs per model before timing.")
+    rounds: int = Field(40, description="Interleaved timing rounds (fp32 then int8 each round).")
+    runs_per_round: int = Field(5, description="Timed batch-1 runs per model per round; the round's figure is their median.")
+    throughput_batch: int = Field(16, description="Batch size for the throughput measurement (dynamic-batch models).")
+
+
+class GateSection(_Section):
+    max_accuracy_drop: float = Field(0.1, description="Largest allowed fp32 - int8 LFW accuracy drop, in percentage points.")
+    min_speedup: float = Field(1.0, description="Smallest allowed median int8 speedup over fp32 at batch 1.")
+
+
+class Recipe(_Section):
+    name: str = Field(..., description="Artifact name; the directory under artifacts/.")
+    model: ModelSource = Field(..., description="The fp32 opset-8 model to download.")
+    data: Source | None = Field(None, description="The verification/calibration .bin (or a zip member).")
+    convert: ConvertSection = Field(default_factory=ConvertSection, description="Opset conversion.")
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection, description="Calibration data.")
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection, description="Quantization.")
+    verify: VerifySection = Field(default_factory=VerifySection, description="Verification protocol and timing.")
+    gate: GateSection = Field(default_factory=GateSection, description="Pass/fail thresholds.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or "/" in v or "\\" in v or v in {".", ".."}:
+            raise ValueError("must be a non-empty name without path separators")
+        return v
+
+    # Where the recipe file lives: relative local paths in `urls` resolve against it.
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    # --- derived values -------------------------------------------------
+    def resolved(self) -> dict[str, Any]:
+        """The full recipe with every default filled in, as plain data."""
+        return self.model_dump(mode="json")
+
+    def sha256(self) -> str:
+        """Hash of the resolved recipe: the same settings give the same hash."""
+        blob = json.dumps(self.resolved(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def recovery_target(self) -> float:
+        r = self.quantization.recovery.max_accuracy_drop
+        return self.gate.max_accuracy_drop if r is None else r
+
+
+# --- loading ------------------------------------------------------------------
+
+
+def _line_index(text: str) -> dict[tuple[Any, ...], int]:
+    """Map each key path in the YAML document to its 1-based line number."""
+    lines: dict[tuple[Any, ...], int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, path: tuple[Any, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (k.value,)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                p = path + (i,)
+                lines[p] = v.start_mark.line + 1
+                walk(v, p)
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _format_errors(err: ValidationError, where: str, lines: dict[tuple[Any, ...], int]) -> str:
+    parts = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        key = ".".join(str(x) for x in loc) or "(top level)"
+        line = None
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in lines:
+                line = lines[loc[:n]]
+                break
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        at = f"{where}:{line}" if line else where
+        got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e.get('input')!r})"
+        parts.append(f"{at}: {key}: {msg}{got}")
+    return "invalid recipe: " + "; ".join(parts)
+
+
+def parse_recipe(data: Any, where: str = "recipe", lines: dict[tuple[Any, ...], int] | None = None) -> Recipe:
+    """Validate already-parsed data into a Recipe, or raise a UserError naming the key."""
+    if not isinstance(data, dict):
+        raise UserError(f"invalid recipe: {where}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, where, lines or {})) from None
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"recipe not found: {p}")
+    if p.is_dir():
+        raise UserError(f"recipe is a directory, expected a YAML file: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read recipe {p}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"invalid YAML in recipe {at}: {problem}") from None
+    if data is None:
+        raise UserError(f"recipe is empty: {p}")
+    recipe = parse_recipe(data, str(p), _line_index(text))
+    recipe._base_dir = p.resolve().parent
+    return recipe
+
+
+def with_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """Return a copy with dotted keys replaced (CLI options win over the recipe).
+
+    ``None`` values are skipped, so an option the user did not give leaves the
+    recipe's value in place.
+    """
+    data = recipe.model_dump(mode="python")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    out = parse_recipe(data, "recipe with command-line overrides")
+    out._base_dir = recipe.base_dir
+    return out
+
+
+def default_recipe(name: str = "adhoc", model_path: str | None = None) -> Recipe:
+    """A recipe with every default, for stages run without --recipe."""
+    return Recipe.model_validate({"name": name, "model": {"urls": [model_path or "model.onnx"]}})
+
+
+def schema_rows() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) for every option: the README table's source."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for fname, f in model.model_fields.items():
+            key = f"{prefix}{fname}"
+            ann = f.annotation
+            sub = _section_type(ann)
+            if sub is not None:
+                rows.append((key, "section", "", f.description or ""))
+                walk(sub, key + ".")
+                continue
+            default = "required" if f.is_required() else json.dumps(f.get_default(call_default_factory=True))
+            tname = _type_name(ann)
+            rows.append((key, tname, default, f.description or ""))
+
+    walk(Recipe, "")
+    return rows
+
+
+def _type_name(ann: Any) -> str:
+    args = getattr(ann, "__args__", None)
+    if getattr(ann, "__origin__", None) is Literal:
+        return " or ".join(json.dumps(a) for a in args)
+    if args and type(ann).__name__ in ("UnionType", "_UnionGenericAlias"):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if args:
+        return f"{ann.__origin__.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _section_type(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def schema_markdown() -> str:
+    out = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+    for key, t, d, desc in schema_rows():
+        out.append(f"| `{key}` | {t} | {('`' + d + '`') if d else ''} | {desc} |")
+    return "\n".join(out) + "\n"
