@@ -1,0 +1,165 @@
+"""Small ONNX / onnxruntime helpers shared by the stages.
+
+Everything a user can get wrong about a model file (missing, not ONNX,
+truncated, a graph onnxruntime rejects) leaves here as a UserError that names
+the file; the stages never see raw protobuf or onnxruntime exceptions.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from pipeline.errors import UserError
+from pipeline.fsutil import require_file
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+Dim = int | str | None
+
+
+def load_model(path: str | os.PathLike[str], what: str = "model") -> onnx.ModelProto:
+    """Parse an ONNX file; a UserError for a missing, empty, non-ONNX or corrupt file."""
+    p = require_file(path, what)
+    try:
+        model = onnx.load(str(p))
+    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        raise UserError(f"{what} {p} is not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'cannot parse'})") from None
+    # Protobuf parses many non-ONNX byte strings without complaint; a real model has these.
+    if model.ir_version <= 0 or not model.opset_import or not model.graph.node or not model.graph.output:
+        raise UserError(f"{what} {p} is not an ONNX model (no graph, opset or outputs found in it)")
+    return model
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    """The default-domain opset the model declares."""
+    for op in model.opset_import:
+        if op.domain in DEFAULT_DOMAINS:
+            return int(op.version)
+    raise UserError("the model declares no default-domain (ai.onnx) opset")
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs: graph inputs that are not initializers (old exports list both)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def dims(value_info: onnx.ValueInfoProto) -> list[Dim] | None:
+    """Shape as ints (fixed), strings (symbolic) or None (unknown); None when the rank is unknown."""
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    out: list[Dim] = []
+    for d in t.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+def find_input(model: onnx.ModelProto, name: str | None = None) -> onnx.ValueInfoProto:
+    inputs = graph_inputs(model)
+    if not inputs:
+        raise UserError("the model has no inputs besides its weights")
+    if name is None:
+        return inputs[0]
+    for i in inputs:
+        if i.name == name:
+            return i
+    raise UserError(f"the model has no input named {name!r} (inputs: {', '.join(i.name for i in inputs)})")
+
+
+def find_output(model: onnx.ModelProto, name: str | None = None) -> onnx.ValueInfoProto:
+    outputs = list(model.graph.output)
+    if name is None:
+        return outputs[0]
+    for o in outputs:
+        if o.name == name:
+            return o
+    raise UserError(f"the model has no output named {name!r} (outputs: {', '.join(o.name for o in outputs)})")
+
+
+def session(model: str | os.PathLike[str] | onnx.ModelProto | bytes, *, threads: int | None = None, what: str = "model", quiet: bool = False):
+    """An onnxruntime CPU session; a UserError if onnxruntime rejects the model."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    if quiet:
+        # Probing whether a model runs: its failure is handled, so keep ORT's own log line out of the terminal.
+        so.log_severity_level = 4
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else (model if isinstance(model, bytes) else str(model))
+    try:
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception classes (Fail, InvalidGraph, ...)
+        raise UserError(f"onnxruntime cannot load the {what}: {_first_line(e)}") from None
+
+
+def run(sess, inputs: np.ndarray, *, input_name: str, output_name: str, batch: int = 1, what: str = "model") -> np.ndarray:
+    """Run ``inputs`` (N, ...) through ``sess`` in batches of ``batch``; returns the stacked output."""
+    outs = []
+    for i in range(0, len(inputs), batch):
+        try:
+            outs.append(sess.run([output_name], {input_name: np.ascontiguousarray(inputs[i : i + batch], dtype=np.float32)})[0])
+        except Exception as e:
+            raise UserError(f"onnxruntime failed to run the {what}: {_first_line(e)}") from None
+    return np.concatenate(outs, axis=0)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b`` (float64).
+
+    Two all-zero rows count as identical (1.0); one zero row against a non-zero one as 0.0.
+    NaN or inf anywhere gives NaN, which fails any ``>=`` threshold.
+    """
+    a = np.asarray(a, np.float64).reshape(len(a), -1)
+    b = np.asarray(b, np.float64).reshape(len(b), -1)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
+    na = np.linalg.norm(a, axis=1)
+    nb = np.linalg.norm(b, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.einsum("ij,ij->i", a, b) / (na * nb)
+    both_zero = (na == 0) & (nb == 0)
+    one_zero = (na == 0) ^ (nb == 0)
+    cos[both_zero] = 1.0
+    cos[one_zero] = 0.0
+    cos[~np.isfinite(a).all(axis=1) | ~np.isfinite(b).all(axis=1)] = np.nan
+    return cos
+
+
+def skeleton(model: onnx.ModelProto, max_elements: int = 4096) -> onnx.ModelProto:
+    """The model without its large weights, for cheap shape inference.
+
+    Initializers above ``max_elements`` become typed graph inputs of the same
+    shape (shape inference needs only that); small ones (Reshape targets, Clip
+    bounds) stay, so data propagation still sees their values. Nothing here
+    copies the hundreds of megabytes a full ``CopyFrom`` or serialisation would.
+    """
+    sk = onnx.ModelProto()
+    sk.ir_version = max(model.ir_version, 4)  # initializers need not be inputs from ir_version 4
+    sk.opset_import.extend(model.opset_import)
+    g, src = sk.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.output.extend(src.output)
+    inits = {t.name for t in src.initializer}
+    g.input.extend(i for i in src.input if i.name not in inits)
+    for t in src.initializer:
+        if int(np.prod(t.dims, dtype=np.int64)) <= max_elements:
+            g.initializer.append(t)
+        else:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return sk
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
