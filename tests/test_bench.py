@@ -1,0 +1,169 @@
+"""Interleaved timing: structure, order, ratio from rounds, thread option. Never wall-clock assertions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import bench, envinfo
+from pipeline.errors import UserError
+from tests.synthdata import face_model
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeModel:
+    """Advances the fake clock by a scheduled duration (ms) per call; logs every call."""
+
+    def __init__(self, name, clock, log, duration_ms, *, dynamic_batch=True, threads=None):
+        self.name, self.clock, self.log, self.duration_ms = name, clock, log, duration_ms
+        self.dynamic_batch = dynamic_batch
+        self.fixed_batch = None if dynamic_batch else 1
+        self.threads = threads
+        self.calls = 0
+
+    def __call__(self, x):
+        self.log.append((self.name, len(x)))
+        self.clock.now += self.duration_ms(self.calls, len(x)) / 1000.0
+        self.calls += 1
+        return np.zeros((len(x), 4), np.float32)
+
+
+def _factory(clock, log, durations, created=None, dynamic=True):
+    def make(path, *, threads, input_name=None, output_name=None):
+        name = "fp32" if "fp32" in str(path) else "int8"
+        m = FakeModel(name, clock, log, durations[name], dynamic_batch=dynamic, threads=threads)
+        if created is not None:
+            created.append(m)
+        return m
+
+    return make
+
+
+def test_rounds_interleave_and_alternate_which_model_goes_first():
+    clock, log = FakeClock(), []
+    res = bench.benchmark(
+        "fp32.onnx", "int8.onnx", threads=2, warmup=2, rounds=4, runs_per_round=3, throughput_batch=1,
+        model_factory=_factory(clock, log, {"fp32": lambda i, b: 2.0, "int8": lambda i, b: 1.0}), clock=clock,
+    )
+    timed = [name for name, _ in log[4:]]  # after 2 warm-up rounds of both models
+    assert timed == ["fp32"] * 3 + ["int8"] * 3 + ["int8"] * 3 + ["fp32"] * 3 + ["fp32"] * 3 + ["int8"] * 3 + ["int8"] * 3 + ["fp32"] * 3
+    assert [n for n, _ in log[:4]] == ["fp32", "int8", "int8", "fp32"]
+    assert res.first_in_round == ["fp32", "int8", "fp32", "int8"]
+    assert len(res.fp32.rounds_ms) == len(res.int8.rounds_ms) == len(res.ratios) == 4
+    assert len(res.fp32.samples_ms) == 12
+    assert res.speedup == pytest.approx(2.0) and res.speedup_iqr == pytest.approx((2.0, 2.0))
+    assert res.fp32.latency_ms_p50 == pytest.approx(2.0) and res.int8.latency_ms_mean == pytest.approx(1.0)
+    assert all(b == 1 for _, b in log)  # latency is at batch 1
+    assert res.batch == 1 and res.threads == 2
+
+
+def test_speedup_is_the_median_of_per_round_ratios_not_a_ratio_of_pooled_figures():
+    clock, log = FakeClock(), []
+    fp = [2.0, 4.0, 30.0]
+    i8 = [1.0, 1.0, 20.0]
+    res = bench.benchmark(
+        "fp32.onnx", "int8.onnx", threads=1, warmup=0, rounds=3, runs_per_round=1, throughput_batch=1,
+        model_factory=_factory(clock, log, {"fp32": lambda i, b: fp[i], "int8": lambda i, b: i8[i]}), clock=clock,
+    )
+    assert res.ratios == pytest.approx([2.0, 4.0, 1.5])
+    assert res.speedup == pytest.approx(2.0)  # pooled medians would give 4.0, pooled means 1.64
+    assert res.speedup_iqr == pytest.approx((1.75, 3.0))
+    assert res.fp32.rounds_ms == pytest.approx(fp) and res.int8.rounds_ms == pytest.approx(i8)
+
+
+def test_round_figure_is_the_median_of_its_runs():
+    clock, log = FakeClock(), []
+    fp = [1.0, 9.0, 2.0, 3.0, 3.0, 3.0]  # rounds of 3 runs: medians 2 and 3
+    res = bench.benchmark(
+        "fp32.onnx", "int8.onnx", threads=1, warmup=0, rounds=2, runs_per_round=3, throughput_batch=1,
+        model_factory=_factory(clock, log, {"fp32": lambda i, b: fp[i], "int8": lambda i, b: 1.0}), clock=clock,
+    )
+    assert res.fp32.rounds_ms == pytest.approx([2.0, 3.0])
+    assert res.fp32.latency_ms_p90 == pytest.approx(np.percentile(fp, 90))
+
+
+def test_throughput_only_for_dynamic_batch_and_at_the_recipe_batch():
+    clock, log = FakeClock(), []
+    res = bench.benchmark(
+        "fp32.onnx", "int8.onnx", threads=1, warmup=0, rounds=8, runs_per_round=1, throughput_batch=8,
+        model_factory=_factory(clock, log, {"fp32": lambda i, b: 1.0 * b, "int8": lambda i, b: 0.5 * b}), clock=clock,
+    )
+    assert {b for _, b in log} == {1, 8}
+    assert res.fp32.throughput_batch == 8
+    assert res.fp32.throughput_ips == pytest.approx(1000.0) and res.int8.throughput_ips == pytest.approx(2000.0)
+    assert res.throughput_ratio == pytest.approx(2.0)
+
+    clock, log = FakeClock(), []
+    res = bench.benchmark(
+        "fp32.onnx", "int8.onnx", threads=1, warmup=0, rounds=2, runs_per_round=1, throughput_batch=8,
+        model_factory=_factory(clock, log, {"fp32": lambda i, b: 1.0, "int8": lambda i, b: 1.0}, dynamic=False), clock=clock,
+    )
+    assert {b for _, b in log} == {1}
+    assert res.fp32.throughput_ips is None and res.throughput_ratio is None
+
+
+def test_default_thread_count_is_all_physical_cores(monkeypatch):
+    monkeypatch.setattr(envinfo, "physical_cores", lambda: 3)
+    clock, log, created = FakeClock(), [], []
+    res = bench.benchmark(
+        "fp32.onnx", "int8.onnx", warmup=0, rounds=1, runs_per_round=1, throughput_batch=1,
+        model_factory=_factory(clock, log, {"fp32": lambda i, b: 1.0, "int8": lambda i, b: 1.0}, created), clock=clock,
+    )
+    assert res.threads == 3 and [m.threads for m in created] == [3, 3]
+
+
+def test_missing_vnni_is_stated_beside_the_speedup(monkeypatch):
+    base = envinfo.cpu_info()
+    for flags, expect_note in (({"avx2": True}, True), ({"avx2": True, "avx512_vnni": True}, False), ({"amx_int8": True}, False)):
+        monkeypatch.setattr(envinfo, "cpu_info", lambda flags=flags: {**base, "model": "Test CPU", "flags": flags})
+        clock, log = FakeClock(), []
+        res = bench.benchmark(
+            "fp32.onnx", "int8.onnx", threads=1, warmup=0, rounds=1, runs_per_round=1, throughput_batch=1,
+            model_factory=_factory(clock, log, {"fp32": lambda i, b: 1.0, "int8": lambda i, b: 1.0}), clock=clock,
+        )
+        assert res.cpu_model == "Test CPU"
+        assert (res.note is not None and "VNNI" in res.note) == expect_note
+        d = res.to_dict()
+        assert d["vnni"] == bool(flags.get("avx512_vnni")) and d["amx"] == bool(flags.get("amx_int8"))
+        assert "samples_ms" not in d["fp32"] and "samples_ms" in res.to_dict(samples=True)["fp32"]
+
+
+def test_real_sessions_use_the_requested_thread_count(tmp_path):
+    fp32 = tmp_path / "fp32.onnx"
+    face_model(fp32, seed=0)
+    m = bench.OnnxModel(fp32, threads=1)
+    opts = m.session.get_session_options()
+    assert opts.intra_op_num_threads == 1
+    # idle sessions must not spin on the cores the timed session needs
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert m.dynamic_batch and m.input_name == "data" and m.output_name == "fc1"
+    res = bench.benchmark(fp32, fp32, input_shape=(3, 32, 32), threads=1, warmup=1, rounds=2, runs_per_round=2, throughput_batch=4)
+    assert res.threads == 1 and res.onnxruntime_version
+    assert res.speedup > 0 and res.fp32.throughput_ips is not None
+
+
+def test_static_batch_model_gets_no_throughput_figure(tmp_path):
+    p = tmp_path / "fp32.onnx"
+    face_model(p, dynamic_batch=False)
+    res = bench.benchmark(p, p, input_shape=(3, 32, 32), threads=1, warmup=0, rounds=1, runs_per_round=1, throughput_batch=4)
+    assert res.fp32.throughput_ips is None and not res.fp32.dynamic_batch
+
+
+def test_unloadable_model_is_a_user_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    with pytest.raises(UserError, match="bad.onnx"):
+        bench.OnnxModel(bad)
+    with pytest.raises(UserError, match="not found"):
+        bench.OnnxModel(tmp_path / "missing.onnx")
+    good = tmp_path / "good.onnx"
+    face_model(good)
+    with pytest.raises(UserError, match="no input 'x'"):
+        bench.OnnxModel(good, input_name="x")
