@@ -72,6 +72,9 @@ class FaceEmbedder:
         self.model = OnnxModel(model, threads=threads, input_name=input_spec.name, output_name=input_spec.output)
         shape = self.model.input_shape
         want = tuple(input_spec.size)
+        # Checked before any photo is read: a wrong model must not surface as "no face found" or mid-batch.
+        if isinstance(shape[1], int) and shape[1] > 0 and shape[1] != 3:
+            raise UserError(f"model {self.path} takes {shape[1]}-channel inputs (shape {list(shape)}); face models take 3 (RGB or BGR)")
         if isinstance(shape[2], int) and isinstance(shape[3], int) and shape[2] > 0 and (shape[2], shape[3]) != want:
             raise UserError(
                 f"model {self.path} takes {shape[2]}x{shape[3]} inputs but the recipe's model.input.size is "
@@ -228,7 +231,8 @@ def embed(
         with atomic_path(out) as tmp:
             with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temporary name
                 np.save(f, emb.astype(np.float32))
-        atomic_write_json(index, result.index_dict())
+            # Inside: if the index cannot be written the .npy is not renamed either (no vectors without their index).
+            atomic_write_json(index, result.index_dict())
         result.index = index
     result.seconds = time.perf_counter() - t0
     return result

@@ -9,6 +9,7 @@ including KeyboardInterrupt.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -58,6 +59,13 @@ def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Pat
         with contextlib.suppress(FileNotFoundError):
             os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, final)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        # A write error carries no file name; say which file could not be written.
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"cannot write {final}: {e.strerror or 'no space left'} (disk full)") from None
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
