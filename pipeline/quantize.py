@@ -1,0 +1,930 @@
+"""Post-training static int8 quantization behind one function, two engines.
+
+``engine: inc`` runs Intel Neural Compressor 3.7's ``quantization.fit`` with a
+``PostTrainingQuantConfig``; ``engine: ort`` runs onnxruntime's own
+``quantize_static`` (after its ``quant_pre_process``), so the pipeline keeps
+working without INC's ONNX backend, which later INC releases dropped. Both
+engines read the same :class:`~pipeline.data.CalibrationData`, take their
+settings from the recipe's ``quantization`` section, and leave nothing in the
+current directory: their scratch files live in a temporary directory beside
+the output, removed afterwards.
+
+The int8 model is written atomically with ``manifest.json`` beside it: hashes
+of the source, converted and int8 models and of the calibration set, the
+resolved recipe and its hash, the calibration indices, library versions, CPU
+facts, wall time and peak memory.
+
+Both engines are deterministic for the same inputs and recipe (same bytes).
+INC's default for ``reduce_range`` depends on the CPU (7-bit weights unless
+the CPU has VNNI), which would make the bytes machine-dependent; the recipe
+therefore always passes an explicit value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import io
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+import onnx
+
+from pipeline.data import CalibrationData, ImageFolder, VerificationBin, open_images, preprocess
+from pipeline.envinfo import PeakMemory, environment, physical_cores
+from pipeline.errors import UserError
+from pipeline.fsutil import atomic_write_bytes, atomic_write_json, require_file, sha256_bytes, sha256_file
+from pipeline.progress import NULL_PROGRESS, Progress
+
+if TYPE_CHECKING:
+    from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection, Recipe
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA = "qpipe.quantize-manifest/1"
+
+# onnxruntime's QOperator kernels -> the float op they replace, so int8 and fp32 counts line up.
+_QOP_TO_FLOAT = {
+    "QGemm": "Gemm",
+    "ConvInteger": "Conv",
+    "MatMulInteger": "MatMul",
+    "QAttention": "Attention",
+    "QEmbedLayerNormalization": "EmbedLayerNormalization",
+    "QLinearWhere": "Where",
+}
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+
+
+# --- result --------------------------------------------------------------------
+
+
+@dataclass
+class QuantizeResult:
+    """What ``qpipe quantize`` produced. ``op_counts``: {"int8": {op: n}, "fp32": {op: n}, "quant_dequant": {...}}."""
+
+    output: Path
+    manifest: Path
+    engine: str
+    format: str
+    op_counts: dict[str, dict[str, int]]
+    calibration: dict[str, Any]
+    seconds: float
+    peak_rss_mb: float
+    warnings: list[str] = field(default_factory=list)
+    int8_sha256: str = ""
+    tuning: dict[str, Any] | None = None
+    weights: dict[str, Any] = field(default_factory=dict)  # reduce_range and how many depthwise convs kept 8-bit weights
+    # Set when quantization.recovery ran (pipeline/recover.py): what it repaired, kept in fp32, measured.
+    recovery: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["output"] = str(self.output)
+        d["manifest"] = str(self.manifest)
+        return d
+
+    def summary(self) -> list[str]:
+        lines = []
+        for kind in ("int8", "fp32"):
+            counts = self.op_counts.get(kind, {})
+            if counts:
+                lines.append(f"{kind}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        return lines
+
+
+# --- op counting ---------------------------------------------------------------
+
+
+def count_ops(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
+    """Nodes by op type, split into int8 and fp32 (Quantize/DequantizeLinear counted apart).
+
+    QOperator: ``QLinearConv`` counts as an int8 ``Conv``; data-movement ops
+    (Flatten, Reshape, MaxPool...) whose input is already quantized count as
+    int8. QDQ: an op counts as int8 when it sits between DequantizeLinear and
+    QuantizeLinear and onnxruntime has an int8 kernel or fusion for its type
+    (the quantizer's registries); any other op between Q/DQ pairs runs in fp32.
+    """
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    int8_capable = set(QDQRegistry) | set(QLinearOpsRegistry)
+    producer: dict[str, onnx.NodeProto] = {}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for out in node.output:
+            producer[out] = node
+        for inp in node.input:
+            consumers.setdefault(inp, []).append(node)
+
+    def requantized(node: onnx.NodeProto) -> bool:
+        users = [u for out in node.output for u in consumers.get(out, [])]
+        return bool(users) and all(u.op_type == "QuantizeLinear" for u in users)
+    quantized: set[str] = set()  # tensors holding int8/uint8 values (QOperator)
+    counts: dict[str, Counter[str]] = {"int8": Counter(), "fp32": Counter(), "quant_dequant": Counter()}
+    for node in model.graph.node:  # ONNX graphs are topologically sorted
+        op = node.op_type
+        first = node.input[0] if node.input else ""
+        if op in _QDQ_OPS:
+            counts["quant_dequant"][op] += 1
+            if op == "QuantizeLinear":
+                quantized.update(node.output)
+            continue
+        if op.startswith("QLinear") or op in _QOP_TO_FLOAT:
+            counts["int8"][_QOP_TO_FLOAT.get(op, op[len("QLinear") :])] += 1
+            quantized.update(node.output)
+        elif first in quantized:
+            counts["int8"][op] += 1
+            quantized.update(node.output)
+        elif (
+            op in int8_capable
+            and first in producer
+            and producer[first].op_type == "DequantizeLinear"
+            and requantized(node)
+        ):
+            counts["int8"][op] += 1
+        else:
+            counts["fp32"][op] += 1
+    return {k: dict(sorted(v.items())) for k, v in counts.items()}
+
+
+# --- model checks ----------------------------------------------------------------
+
+
+@dataclass
+class _ModelFacts:
+    opset: int
+    depthwise: bool
+    input_name: str
+    output_name: str
+    dynamic_batch: bool
+    node_names: set[str]
+    op_types: set[str]
+
+
+def _load_model(path: Path, what: str) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError, ValueError, OSError... for a non-model
+        raise UserError(f"{what} {path} is not an ONNX model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+    out: list[int | str | None] = []
+    for d in vi.type.tensor_type.shape.dim:
+        out.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return out
+
+
+def check_model(model: onnx.ModelProto, path: Path, spec: "InputSpec", calibration: "CalibrationSection") -> _ModelFacts:
+    """Refuse models the engines would fail on obscurely, with a message that says what to do."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset < 10:
+        raise UserError(
+            f"{path}: opset {opset} is too old to quantize (QLinearConv needs opset 10+)",
+            hint="convert it first: qpipe convert",
+        )
+    inits = {i.name for i in model.graph.initializer}
+    real_inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(real_inputs) != len(model.graph.input):
+        # INC 3.7.1's topological sort fails with a bare KeyError on these (old MXNet exports).
+        raise UserError(
+            f"{path}: {len(model.graph.input) - len(real_inputs)} initializers are also listed as graph inputs "
+            f"(ir_version {model.ir_version} style)",
+            hint="convert it first: qpipe convert",
+        )
+    if not real_inputs:
+        raise UserError(f"{path}: the model has no inputs")
+    names = [i.name for i in real_inputs]
+    name = spec.name or names[0]
+    if name not in names:
+        raise UserError(f"{path}: no input named {name!r} (model.input.name); the model's inputs are {names}")
+    vi = next(i for i in real_inputs if i.name == name)
+    dims = _dims(vi)
+    if vi.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise UserError(f"{path}: input {name!r} is not float32; only float models can be quantized")
+    if len(dims) != 4:
+        raise UserError(f"{path}: input {name!r} has shape {dims}, expected NCHW (4 dimensions)")
+    _, c, h, w = dims
+    if isinstance(c, int) and c != 3:
+        raise UserError(f"{path}: input {name!r} has {c} channels, expected 3 (shape {dims})")
+    if isinstance(h, int) and isinstance(w, int) and [h, w] != list(spec.size):
+        raise UserError(
+            f"{path}: input {name!r} is {h}x{w} but the recipe's model.input.size is {spec.size[0]}x{spec.size[1]}"
+        )
+    dynamic = not isinstance(dims[0], int)
+    if not dynamic and dims[0] != 1 and dims[0] != calibration.batch:
+        raise UserError(f"{path}: input {name!r} has a fixed batch of {dims[0]}; calibration.batch is {calibration.batch}")
+    if not dynamic and calibration.batch > 1 and dims[0] == 1:
+        raise UserError(
+            f"{path}: input {name!r} has a fixed batch of 1 but calibration.batch is {calibration.batch}",
+            hint="set calibration.batch: 1 or convert with convert.dynamic_batch: true",
+        )
+    outputs = [o.name for o in model.graph.output]
+    out_name = spec.output or (outputs[0] if outputs else "")
+    if out_name not in outputs:
+        raise UserError(f"{path}: no output named {out_name!r} (model.input.output); the model's outputs are {outputs}")
+    return _ModelFacts(
+        opset=int(opset),
+        depthwise=has_depthwise_conv(model),
+        input_name=name,
+        output_name=out_name,
+        dynamic_batch=dynamic,
+        node_names={n.name for n in model.graph.node if n.name},
+        op_types={n.op_type for n in model.graph.node},
+    )
+
+
+# --- evaluation used by accuracy-aware tuning -------------------------------------
+
+
+def _session(model: onnx.ModelProto | bytes | str | Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = physical_cores()
+    so.log_severity_level = 3
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else (str(model) if isinstance(model, Path) else model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def pair_accuracy(
+    model: onnx.ModelProto | bytes | Path,
+    pairs_bin: VerificationBin,
+    spec: "InputSpec",
+    *,
+    pairs: int | None = None,
+    folds: int = 10,
+    flip: bool = True,
+    batch: int = 32,
+):
+    """The insightface protocol on the first ``pairs`` pairs: a ``metrics.VerificationMetrics``.
+
+    Images are decoded and run chunk by chunk; a model with a fixed batch of 1
+    is run one image at a time.
+    """
+    from pipeline import metrics
+
+    sess = _session(model)
+    inp = sess.get_inputs()[0] if spec.name is None else next(i for i in sess.get_inputs() if i.name == spec.name)
+    out_name = spec.output or sess.get_outputs()[0].name
+    if isinstance(inp.shape[0], int):
+        batch = inp.shape[0]
+    n_pairs = pairs_bin.num_pairs if pairs is None else min(pairs, pairs_bin.num_pairs)
+    n_img = 2 * n_pairs
+
+    def run(x: np.ndarray) -> np.ndarray:
+        outs = [sess.run([out_name], {inp.name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+        return np.concatenate(outs).reshape(len(x), -1)
+
+    emb = []
+    for _, imgs in pairs_bin.iter_chunks(np.arange(n_img), chunk=256):
+        e = run(preprocess(imgs, spec))
+        f = run(preprocess(imgs, spec, flip=True)) if flip else None
+        emb.append(metrics.flip_sum(e, f))
+    e = np.concatenate(emb)
+    return metrics.evaluate(e[0::2], e[1::2], pairs_bin.issame[:n_pairs], folds=folds)
+
+
+# --- engines -----------------------------------------------------------------------
+
+
+@dataclass
+class _EngineRun:
+    model: onnx.ModelProto
+    warnings: list[str] = field(default_factory=list)
+    tuning: dict[str, Any] | None = None
+
+
+class _LogCapture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, level: int) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+
+@contextlib.contextmanager
+def _quiet_libraries(logger_name: str) -> Iterator[_LogCapture]:
+    """Route a library's log to a capture (warnings and errors kept) and silence onnxruntime's C++ log."""
+    import onnxruntime as ort
+
+    log = logging.getLogger(logger_name)
+    saved = (list(log.handlers), log.level, log.propagate)
+    cap = _LogCapture()
+    log.handlers[:] = [cap]
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    ort.set_default_logger_severity(3)
+    try:
+        yield cap
+    finally:
+        log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
+        ort.set_default_logger_severity(2)
+
+
+class _CountingLoader:
+    """Wraps CalibrationData for INC, advancing a progress bar per batch."""
+
+    def __init__(self, data: CalibrationData, task: Any) -> None:
+        self.data = data
+        self.batch_size = data.batch_size
+        self._task = task
+
+    def __iter__(self):
+        for item in self.data:
+            yield item
+            self._task.advance(len(next(iter(item[0].values()))))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+_INC_FORMATS = {"QOperator": "default", "QDQ": "QDQ"}
+_INC_ALGORITHMS = {"minmax": "minmax", "entropy": "kl", "percentile": "percentile"}
+# Weighted op types whose weight granularity per_channel switches (INC's capability names).
+_INC_WEIGHTED = ("Conv", "FusedConv", "MatMul", "Gemm")
+
+
+def _inc_static_op_types() -> set[str]:
+    """Every op type INC's ONNX Runtime adaptor can quantize statically (from its capability file)."""
+    import neural_compressor.adaptor as adaptor_pkg
+    import yaml
+
+    caps = yaml.safe_load((Path(adaptor_pkg.__file__).parent / "onnxrt.yaml").read_text())
+    out: set[str] = set()
+    for entry in caps:
+        static = entry.get("int8", {}).get("static", {})
+        out.update(static.keys() if isinstance(static, dict) else [])
+    return out
+
+
+def _inc_recipes(q: "QuantizationSection") -> dict[str, Any]:
+    from neural_compressor import PostTrainingQuantConfig
+
+    known = set(PostTrainingQuantConfig().recipes)
+    unknown = sorted(set(q.inc_recipes) - known)
+    if unknown:
+        raise UserError(
+            f"invalid recipe: quantization.inc_recipes: unknown key(s) {', '.join(unknown)}; "
+            f"INC knows {', '.join(sorted(known))}"
+        )
+    return dict(q.inc_recipes)
+
+
+def _inc_config(q: "QuantizationSection", facts: _ModelFacts, num_samples: int, reduce_range: bool):
+    from neural_compressor import PostTrainingQuantConfig
+    from neural_compressor.config import AccuracyCriterion, TuningCriterion
+
+    op_type_dict: dict[str, Any] = {}
+    algorithm = _INC_ALGORITHMS[q.calibration_method]
+    if q.calibration_method != "minmax":
+        for op in _inc_static_op_types():
+            op_type_dict.setdefault(op, {})["activation"] = {"algorithm": [algorithm]}
+    if q.per_channel is not None:
+        granularity = "per_channel" if q.per_channel else "per_tensor"
+        for op in _INC_WEIGHTED:
+            op_type_dict.setdefault(op, {})["weight"] = {"granularity": [granularity]}
+    fp32 = {"activation": {"dtype": ["fp32"]}, "weight": {"dtype": ["fp32"]}}
+    excluded_types = set(q.op_types_to_exclude)
+    if q.op_types_to_quantize is not None:
+        excluded_types |= _inc_static_op_types() - set(q.op_types_to_quantize)
+    for op in excluded_types:
+        op_type_dict[op] = fp32
+    op_name_dict = {name: fp32 for name in q.nodes_to_exclude} or None
+
+    tuning = q.tuning
+    kwargs: dict[str, Any] = {}
+    if tuning.enabled:
+        kwargs["accuracy_criterion"] = AccuracyCriterion(
+            higher_is_better=True, criterion=tuning.criterion, tolerable_loss=tuning.tolerable_loss
+        )
+        kwargs["tuning_criterion"] = TuningCriterion(strategy="basic", max_trials=tuning.max_trials)
+    try:
+        return PostTrainingQuantConfig(
+            approach="static",
+            quant_format=_INC_FORMATS[q.format],
+            calibration_sampling_size=[num_samples],
+            op_type_dict=op_type_dict or None,
+            op_name_dict=op_name_dict,
+            recipes=_inc_recipes(q),
+            reduce_range=reduce_range,
+            # Without eval_func INC does not tune anyway; level 1 keeps it from an "auto" search when it does.
+            quant_level=1,
+            **kwargs,
+        )
+    except UserError:
+        raise
+    except Exception as e:  # INC validates with assert and schema.SchemaError
+        raise UserError(f"invalid recipe: quantization settings rejected by Intel Neural Compressor: {e}") from None
+
+
+@contextlib.contextmanager
+def _inc_full_range_activations() -> Iterator[None]:
+    """Make INC's ``reduce_range`` mean 7-bit *weights* only, as it does in onnxruntime.
+
+    INC 3.7 applies ``reduce_range`` to the activation ranges as well (uint8
+    0..127), which costs MobileFaceNet 0.4 LFW points. The saturation it guards
+    against comes from the weights alone (u8 x s8 pairs summed in int16 by
+    AVX2's vpmaddubsw), so onnxruntime and OpenVINO reduce only the weights.
+    INC's calibrator (``ONNXRTAugment``) is the only user of the flag for
+    activations; its quantizer keeps it for the weights.
+    """
+    from neural_compressor.adaptor.ox_utils.calibration import ONNXRTAugment
+
+    original = ONNXRTAugment.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.reduce_range = False
+
+    ONNXRTAugment.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ONNXRTAugment.__init__ = original  # type: ignore[method-assign]
+
+
+def _quantize_inc(
+    model_path: Path,
+    facts: _ModelFacts,
+    data: CalibrationData,
+    q: "QuantizationSection",
+    *,
+    reduce_range: bool,
+    work: Path,
+    progress: Progress,
+    eval_bin: VerificationBin | None,
+    spec: "InputSpec",
+    label: str = "",
+) -> _EngineRun:
+    try:
+        # Imported before its log is redirected: INC installs its own handler on first import.
+        from neural_compressor import quantization as inc_quantization
+        from neural_compressor.config import options
+    except ImportError as e:
+        raise UserError(
+            f"Intel Neural Compressor is not importable ({e})", hint="install neural-compressor<=3.7.1 or use quantization.engine: ort"
+        ) from None
+    with _quiet_libraries("neural_compressor") as cap:
+        conf = _inc_config(q, facts, data.num_samples, reduce_range)
+        eval_func = None
+        tuning_log: list[dict[str, Any]] = []
+        if q.tuning.enabled:
+            if eval_bin is None:
+                raise UserError("accuracy-aware tuning needs verification pairs: give a .bin as the calibration set")
+
+            def eval_func(m: Any) -> float:
+                proto = m if isinstance(m, onnx.ModelProto) else onnx.load(str(m))
+                res = pair_accuracy(proto, eval_bin, spec, pairs=q.tuning.eval_pairs)
+                tuning_log.append({"accuracy": res.accuracy, "pairs": res.pairs})
+                progress.log(f"tuning trial {len(tuning_log)}: LFW accuracy {res.accuracy:.2f} on {res.pairs} pairs")
+                return res.accuracy / 100.0  # INC's tolerable_loss is a fraction
+
+        saved_workspace = options.workspace
+        options.workspace = str(work / "nc_workspace")
+        try:
+            with _inc_full_range_activations(), progress.task(f"calibrating (inc{label})", total=data.num_samples, unit="img") as t:
+                qmodel = inc_quantization.fit(
+                    str(model_path), conf, calib_dataloader=_CountingLoader(data, t), eval_func=eval_func
+                )
+        finally:
+            options.workspace = saved_workspace
+    if qmodel is None:
+        errors = cap.messages(logging.ERROR)
+        detail = next((m for m in errors if "Unexpected exception" in m), errors[0] if errors else "no quantized model was produced")
+        raise UserError(
+            f"Intel Neural Compressor could not quantize {model_path}: {detail}",
+            hint="try quantization.engine: ort" if not q.tuning.enabled else "loosen quantization.tuning or disable it",
+        )
+    warnings = [m for m in cap.messages(logging.WARNING) if _interesting_inc_warning(m)]
+    tuning = {"trials": tuning_log, "eval_pairs": q.tuning.eval_pairs} if q.tuning.enabled else None
+    return _EngineRun(qmodel.model, warnings, tuning)
+
+
+def _interesting_inc_warning(message: str) -> bool:
+    # INC warns about optional extras and its own defaults on every run; those are noise here.
+    noise = (
+        "mpi4py",
+        "automatically detected",
+        "automatically set",
+        "Please note that calibration sampling size",
+        "eval_func is not a plain function",
+    )
+    return not any(n in message for n in noise)
+
+
+def _quantize_ort(
+    model_path: Path,
+    facts: _ModelFacts,
+    data: CalibrationData,
+    q: "QuantizationSection",
+    *,
+    reduce_range: bool,
+    work: Path,
+    progress: Progress,
+    eval_bin: VerificationBin | None,
+    spec: "InputSpec",
+    label: str = "",
+) -> _EngineRun:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    warnings: list[str] = []
+    if q.tuning.enabled:
+        warnings.append("quantization.tuning is INC-only; engine ort quantizes once without tuning")
+    if q.inc_recipes:
+        warnings.append("quantization.inc_recipes is ignored by engine ort")
+    pre = work / "preprocessed.onnx"
+    out = work / f"int8{'-rr' if reduce_range else ''}.onnx"
+    # A second run (the other weight range) reuses the first run's activation ranges.
+    cache = work / "calibration-cache.json"
+    with _quiet_libraries("onnxruntime") as cap, _quiet_libraries("root"):
+        # Shape inference and onnxruntime's basic optimisations (BatchNormalization folded into Conv),
+        # which INC applies by itself before quantizing.
+        try:
+            if not pre.exists():
+                # ONNX's own shape inference covers these CNNs; the symbolic pass would need sympy.
+                quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=True)
+        except Exception as e:
+            raise UserError(f"onnxruntime could not prepare {model_path} for quantization: {type(e).__name__}: {e}") from None
+        registry = QLinearOpsRegistry if q.format == "QOperator" else QDQRegistry
+        op_types = set(q.op_types_to_quantize) if q.op_types_to_quantize is not None else set(registry)
+        op_types -= set(q.op_types_to_exclude)
+        pre_nodes = {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}
+        gone = [n for n in q.nodes_to_exclude if n not in pre_nodes]
+        if gone:
+            warnings.append(f"nodes_to_exclude {gone} were folded away by graph optimisation (e.g. a BatchNormalization into its Conv)")
+        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+        with progress.task(f"calibrating (ort{label})", total=0 if cache.exists() else data.num_samples, unit="img") as t:
+            reader = _ProgressReader(data.ort_reader(facts.input_name), t)
+            # The histogram calibrators print their progress with print(); a stage does not print.
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    quantize_static(
+                        str(pre),
+                        str(out),
+                        reader,
+                        quant_format=QuantFormat.QOperator if q.format == "QOperator" else QuantFormat.QDQ,
+                        op_types_to_quantize=sorted(op_types),
+                        per_channel=bool(q.per_channel),
+                        reduce_range=reduce_range,
+                        # u8 activations and s8 weights, as INC uses: onnxruntime's fastest CPU pairing.
+                        activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(q.nodes_to_exclude),
+                        calibrate_method=methods[q.calibration_method],
+                        extra_options=dict(q.extra_options),
+                        calibration_cache_path=str(cache),
+                    )
+            except UserError:
+                raise
+            except Exception as e:
+                raise UserError(f"onnxruntime could not quantize {model_path}: {type(e).__name__}: {e}") from None
+    warnings += [m for m in cap.messages(logging.WARNING)]
+    return _EngineRun(onnx.load(str(out)), warnings)
+
+
+class _ProgressReader:
+    """An onnxruntime CalibrationDataReader that also advances a progress bar."""
+
+    def __init__(self, reader: Any, task: Any) -> None:
+        self._reader = reader
+        self._task = task
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        item = self._reader.get_next()
+        if item is not None:
+            self._task.advance(len(next(iter(item.values()))))
+        return item
+
+    def __iter__(self):
+        return iter(self.get_next, None)
+
+    def rewind(self) -> None:
+        self._reader.rewind()
+
+
+ENGINES: dict[str, Callable[..., _EngineRun]] = {"inc": _quantize_inc, "ort": _quantize_ort}
+
+
+# --- weight range per kernel -------------------------------------------------------------
+#
+# On AVX2 CPUs without VNNI, onnxruntime's u8 x s8 GEMM kernels add pairs of products in int16
+# (vpmaddubsw) and saturate when weights use all 8 bits; the cure is 7-bit weights
+# (reduce_range). Its depthwise convolution kernel widens to 16 bits and accumulates in int32, so
+# it cannot saturate, and depthwise filters (9 weights per channel) are the ones that lose most from
+# a 7th bit. So by default depthwise convolutions keep 8-bit weights: the engine runs twice, with
+# the same activation ranges, and the depthwise weights of the 8-bit run are spliced into the
+# 7-bit model. On MobileFaceNet this halves the int8 embedding error (mean cosine to fp32 0.988 ->
+# 0.992 on 500 LFW faces).
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def has_depthwise_conv(model: onnx.ModelProto) -> bool:
+    """Whether a float model has a grouped Conv with one input channel per group."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return any(
+        n.op_type == "Conv" and _attr(n, "group", 1) > 1 and len(n.input) > 1 and n.input[1] in inits
+        and len(inits[n.input[1]].dims) == 4 and inits[n.input[1]].dims[1] == 1
+        for n in model.graph.node
+    )
+
+
+@dataclass
+class _DepthwiseSite:
+    weight: list[str]  # initializers of the quantized weight and bias (with their scales and zero points)
+    activation: list[str]  # initializers of the input/output quantization parameters
+    owners: set[str]  # nodes allowed to read the weight initializers (the conv and its DequantizeLinear)
+
+
+def _depthwise_sites(model: onnx.ModelProto) -> dict[str, _DepthwiseSite]:
+    """Quantized depthwise convolutions by node name, in QOperator (QLinearConv) or QDQ form."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def dq(name: str) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+    sites: dict[str, _DepthwiseSite] = {}
+    for n in model.graph.node:
+        if _attr(n, "group", 1) <= 1:
+            continue
+        if n.op_type == "QLinearConv":
+            w = n.input[3]
+            site = _DepthwiseSite(
+                weight=[n.input[i] for i in (3, 4, 5, 8) if i < len(n.input) and n.input[i]],
+                activation=[n.input[i] for i in (1, 2, 6, 7)],
+                owners={n.name},
+            )
+        elif n.op_type == "Conv" and len(n.input) > 1 and dq(n.input[1]) is not None:
+            wdq = dq(n.input[1])
+            bdq = dq(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            xdq = dq(n.input[0])
+            w = wdq.input[0]
+            site = _DepthwiseSite(
+                weight=list(wdq.input) + (list(bdq.input) if bdq is not None else []),
+                activation=list(xdq.input[1:]) if xdq is not None else [],
+                owners={n.name, wdq.name} | ({bdq.name} if bdq is not None else set()),
+            )
+        else:
+            continue
+        if w in inits and len(inits[w].dims) == 4 and inits[w].dims[1] == 1:
+            site.weight = [x for x in site.weight if x in inits]
+            site.activation = [x for x in site.activation if x in inits]
+            sites[n.name] = site
+    return sites
+
+
+def merge_depthwise_weights(reduced: onnx.ModelProto, full: onnx.ModelProto) -> int:
+    """Copy ``full``'s depthwise conv weights (and biases) into ``reduced``, in place; returns how many.
+
+    A conv is taken over only where both models quantized it the same way: the same
+    inputs and bit-identical activation parameters. An initializer that another node
+    also reads is taken only if it is identical in both models already.
+    """
+    a_inits = {i.name: i for i in reduced.graph.initializer}
+    b_inits = {i.name: i for i in full.graph.initializer}
+    a_nodes = {n.name: n for n in reduced.graph.node}
+    b_nodes = {n.name: n for n in full.graph.node}
+    readers: dict[str, set[str]] = {}
+    for n in reduced.graph.node:
+        for x in n.input:
+            readers.setdefault(x, set()).add(n.name)
+    b_sites = _depthwise_sites(full)
+    merged = 0
+    for name, site in _depthwise_sites(reduced).items():
+        other = b_sites.get(name)
+        if other is None or (other.weight, other.activation) != (site.weight, site.activation):
+            continue
+        if list(a_nodes[name].input) != list(b_nodes[name].input):
+            continue
+        if any(x not in b_inits or a_inits[x] != b_inits[x] for x in site.activation):
+            continue
+        if any(x not in b_inits for x in site.weight):
+            continue
+        if any(readers.get(x, set()) - site.owners and a_inits[x] != b_inits[x] for x in site.weight):
+            continue
+        for x in site.weight:
+            a_inits[x].CopyFrom(b_inits[x])
+        merged += 1
+    return merged
+
+
+# --- the stage --------------------------------------------------------------------------
+
+
+def _file_entry(path: Path | None, sha: str | None = None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    return {"path": str(path), "sha256": sha or sha256_file(path), "size": path.stat().st_size if path.is_file() else None}
+
+
+def _settings_blob(spec: "InputSpec", calibration: "CalibrationSection", quantization: "QuantizationSection") -> dict[str, Any]:
+    return {
+        "model": {"input": spec.model_dump(mode="json")},
+        "calibration": calibration.model_dump(mode="json"),
+        "quantization": quantization.model_dump(mode="json"),
+    }
+
+
+def quantize(
+    model: str | Path,
+    calib: str | Path,
+    out: str | Path,
+    *,
+    input_spec: "InputSpec",
+    calibration: "CalibrationSection",
+    quantization: "QuantizationSection",
+    recipe: "Recipe | None" = None,
+    source_model: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    progress: Progress | None = None,
+) -> QuantizeResult:
+    """Quantize a converted fp32 model to int8 with the recipe's engine and write it with its manifest.
+
+    Args:
+        model: the converted fp32 ONNX model (opset 10+, initializers not listed as inputs).
+        calib: calibration images: an insightface ``.bin`` or a folder of aligned faces.
+        out: the int8 model to write (atomically); ``manifest.json`` is written beside it.
+        input_spec: how images become the model input (recipe ``model.input``).
+        calibration: sample count, seed, batch and flip (recipe ``calibration``).
+        quantization: engine, format, per-channel, exclusions, pass-through options (recipe ``quantization``).
+        recipe: the full recipe, recorded resolved in the manifest with its hash.
+        source_model: the original (pre-conversion) model, hashed into the manifest when given.
+        eval_data: verification pairs for INC accuracy-aware tuning; default: ``calib`` when it is a ``.bin``.
+        progress: progress bars and notes.
+    """
+    progress = progress or NULL_PROGRESS
+    model_path = require_file(model, "fp32 model")
+    out = Path(out)
+    if out.exists() and out.is_dir():
+        raise UserError(f"--out is a directory, expected a file name: {out}")
+    if out.resolve() == model_path.resolve():
+        raise UserError(f"--out {out} would overwrite the input model")
+    src_path = require_file(source_model, "source model") if source_model is not None else None
+    q = quantization
+    if q.engine not in ENGINES:
+        raise UserError(f"invalid recipe: quantization.engine {q.engine!r}; known engines: {', '.join(ENGINES)}")
+
+    t0 = time.perf_counter()
+    with PeakMemory() as mem:
+        proto = _load_model(model_path, "fp32 model")
+        facts = check_model(proto, model_path, input_spec, calibration)
+        del proto
+        unknown_nodes = [n for n in q.nodes_to_exclude if n not in facts.node_names]
+        if unknown_nodes:
+            raise UserError(f"invalid recipe: quantization.nodes_to_exclude names nodes not in {model_path}: {', '.join(unknown_nodes)}")
+        warnings: list[str] = []
+        absent = [t for t in q.op_types_to_exclude if t not in facts.op_types]
+        if absent:
+            warnings.append(f"quantization.op_types_to_exclude: the model has no {', '.join(absent)} nodes")
+
+        source = open_images(calib)
+        data = CalibrationData.from_section(source, input_spec, calibration, facts.input_name)
+        if source.image_size != tuple(input_spec.size):
+            warnings.append(
+                f"calibration images are {source.image_size[0]}x{source.image_size[1]}, resized to "
+                f"{input_spec.size[0]}x{input_spec.size[1]} (model.input.size)"
+            )
+        eval_bin: VerificationBin | None = None
+        if q.engine == "inc" and q.tuning.enabled:
+            ev = open_images(eval_data) if eval_data is not None else source
+            if not isinstance(ev, VerificationBin):
+                raise UserError("accuracy-aware tuning needs verification pairs (a .bin), not an image folder")
+            eval_bin = ev
+
+        if q.engine == "ort" and q.format == "QDQ" and q.per_channel and facts.opset < 13:
+            raise UserError(
+                f"invalid recipe: quantization.per_channel with format QDQ needs opset 13+, {model_path} is opset {facts.opset}",
+                hint="use format: QOperator, per_channel: false, or convert with convert.opset: 13",
+            )
+
+        reduce_range = bool(q.reduce_range)
+        split = reduce_range and not q.reduce_range_depthwise and facts.depthwise
+        engine = ENGINES[q.engine]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".qpipe-quantize-", dir=out.parent))
+        common: dict[str, Any] = {"work": work, "progress": progress, "eval_bin": eval_bin, "spec": input_spec}
+        weights: dict[str, Any] = {"reduce_range": reduce_range, "depthwise_8bit": 0}
+        try:
+            if split:
+                # The 8-bit run only donates depthwise weights: no tuning there.
+                q_full = q.model_copy(update={"tuning": q.tuning.model_copy(update={"enabled": False})})
+                full = engine(model_path, facts, data, q_full, reduce_range=False, label=", 8-bit weights", **common)
+                run = engine(model_path, facts, data, q, reduce_range=True, label=", 7-bit weights", **common)
+                weights["depthwise_8bit"] = merge_depthwise_weights(run.model, full.model)
+                warnings += [w for w in full.warnings if w not in run.warnings]
+                del full
+                if weights["depthwise_8bit"] == 0:
+                    warnings.append("depthwise convolutions could not be given 8-bit weights; all weights are 7-bit")
+            else:
+                run = engine(model_path, facts, data, q, reduce_range=reduce_range, **common)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        warnings += run.warnings
+
+        int8_bytes = run.model.SerializeToString()
+        _smoke_test(int8_bytes, data, facts)
+        op_counts = count_ops(run.model)
+        del run.model
+        atomic_write_bytes(out, int8_bytes)
+        int8_sha = sha256_bytes(int8_bytes)
+        del int8_bytes
+
+    seconds = time.perf_counter() - t0
+    calib_info = {
+        "source": str(source.path),
+        "kind": "bin" if isinstance(source, VerificationBin) else "folder",
+        "sha256": source.sha256(),
+        "images": source.num_images,
+        "samples": len(data.indices),
+        "seed": calibration.seed,
+        "batch": calibration.batch,
+        "flip": calibration.flip,
+        "indices_sha256": data.indices_sha256,
+    }
+    settings = recipe.resolved() if recipe is not None else _settings_blob(input_spec, calibration, q)
+    settings_sha = recipe.sha256() if recipe is not None else hashlib.sha256(
+        json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    manifest_path = out.parent / MANIFEST_NAME
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "stage": "quantize",
+        "engine": q.engine,
+        "format": q.format,
+        "weights": weights,
+        "files": {
+            "source": _file_entry(src_path),
+            "converted": _file_entry(model_path),
+            "int8": {"path": str(out), "sha256": int8_sha, "size": out.stat().st_size},
+            "calibration": {"path": str(source.path), "sha256": calib_info["sha256"], "kind": calib_info["kind"]},
+        },
+        "calibration": {**calib_info, "indices": [int(i) for i in data.indices]},
+        "recipe": settings,
+        "recipe_sha256": settings_sha,
+        "op_counts": op_counts,
+        "tuning": run.tuning,
+        "warnings": warnings,
+        "environment": environment(),
+        "timing": {"quantize": {"seconds": round(seconds, 3), "peak_rss_mb": round(mem.peak_mb, 1)}},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(manifest_path, manifest)
+    for w in warnings:
+        progress.log(f"warning: {w}")
+    result = QuantizeResult(
+        output=out,
+        manifest=manifest_path,
+        engine=q.engine,
+        format=q.format,
+        op_counts=op_counts,
+        calibration=calib_info,
+        seconds=seconds,
+        peak_rss_mb=mem.peak_mb,
+        warnings=warnings,
+        int8_sha256=int8_sha,
+        tuning=run.tuning,
+        weights=weights,
+    )
+    if q.recovery.enabled:
+        # Accuracy recovery starts from this int8 model and may replace it (and its manifest) at ``out``;
+        # its own quantizations run with recovery off.
+        from pipeline.recover import recover
+
+        return recover(
+            model_path, calib, out, input_spec=input_spec, calibration=calibration, quantization=q, recipe=recipe,
+            source_model=source_model, eval_data=eval_data, first=result, progress=progress,
+        ).quantize
+    return result
+
+
+def _smoke_test(int8: bytes, data: CalibrationData, facts: _ModelFacts) -> None:
+    """Run the int8 model once on a calibration batch: a model onnxruntime cannot run is not written."""
+    x = next(data.arrays())[:1]
+    try:
+        sess = _session(int8)
+        y = sess.run([facts.output_name], {facts.input_name: x})[0]
+    except Exception as e:
+        raise UserError(f"the quantized model does not run in onnxruntime: {type(e).__name__}: {e}") from None
+    if not np.all(np.isfinite(y)):
+        raise UserError("the quantized model produces non-finite outputs on a calibration image")

@@ -1,0 +1,349 @@
+"""`qpipe quantize`: both engines on a synthetic model, determinism, manifest, errors, CLI, real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.data import calibration_indices, indices_sha256, preprocess, read_bin
+from pipeline.errors import UserError
+from pipeline.fsutil import sha256_file
+from pipeline.quantize import count_ops, pair_accuracy, quantize
+from pipeline.recipe import Recipe, default_recipe, with_overrides
+from tests.synthdata import face_model, malicious_pickle, synthetic_bin
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = [32, 32]
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("quantize-material")
+    model = d / "fp32.onnx"
+    face_model(model, size=tuple(SIZE))
+    return {"dir": d, "model": model, "bin": synthetic_bin(d / "synth.bin", pairs=20, size=tuple(SIZE))}
+
+
+def _recipe(**overrides: object) -> Recipe:
+    base = {"model.input.size": SIZE, "calibration.samples": 8}
+    base.update(overrides)
+    return with_overrides(default_recipe(), base)
+
+
+def _run(material: dict[str, Path], out: Path, recipe: Recipe | None = None, **kw: object):
+    r = recipe or _recipe()
+    return quantize(
+        material["model"], material["bin"], out,
+        input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r, **kw,
+    )
+
+
+def _embed(model: Path | bytes, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    src = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, {"data": x})[0]
+
+
+# --- both engines ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["inc", "ort"])
+@pytest.mark.parametrize("fmt", ["QOperator", "QDQ"])
+def test_both_engines_quantize_the_synthetic_model_and_keep_its_function(
+    material: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str, fmt: str
+) -> None:
+    monkeypatch.chdir(tmp_path)  # INC writes nc_workspace into the CWD unless told otherwise
+    out = tmp_path / "out" / "int8.onnx"
+    # Per-channel QDQ needs opset 13; the synthetic model is opset 11 like the converted models.
+    res = _run(material, out, _recipe(**{"quantization.engine": engine, "quantization.format": fmt, "quantization.per_channel": fmt == "QOperator"}))
+    assert res.output == out and out.is_file()
+    assert res.engine == engine and res.format == fmt
+    assert res.op_counts["int8"].get("Conv") == 4
+    assert res.op_counts["quant_dequant"]["QuantizeLinear"] >= 1
+    q = onnx.load(str(out))
+    assert any(n.op_type in ("QLinearConv", "DequantizeLinear") for n in q.graph.node)
+    # Scratch files stay out of the current and the output directory.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["int8.onnx", "manifest.json"]
+    # The int8 model computes nearly what the fp32 model computes.
+    vb = read_bin(material["bin"])
+    x = preprocess(vb.decode_many(range(8)), _recipe().model.input)
+    a, b = _embed(material["model"], x), _embed(out, x)
+    cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.98, cos
+
+
+def test_op_counts_split_int8_from_fp32(material: dict[str, Path], tmp_path: Path) -> None:
+    fp32 = count_ops(onnx.load(str(material["model"])))
+    assert fp32["int8"] == {} and fp32["fp32"]["Conv"] == 4 and fp32["quant_dequant"] == {}
+    res = _run(material, tmp_path / "int8.onnx", _recipe(**{"quantization.engine": "ort"}))
+    assert "PRelu" in res.op_counts["fp32"]  # onnxruntime has no int8 PRelu
+    assert res.op_counts == count_ops(onnx.load(str(res.output)))
+
+
+@pytest.mark.parametrize("engine", ["inc", "ort"])
+def test_excluded_nodes_and_op_types_stay_fp32(material: dict[str, Path], tmp_path: Path, engine: str) -> None:
+    r = _recipe(**{"quantization.engine": engine, "quantization.nodes_to_exclude": ["conv3"], "quantization.op_types_to_exclude": ["Add"]})
+    res = _run(material, tmp_path / "int8.onnx", r)
+    q = onnx.load(str(res.output))
+    conv3 = [n for n in q.graph.node if n.name.startswith("conv3")]
+    assert conv3 and all(n.op_type == "Conv" for n in conv3)
+    assert res.op_counts["int8"]["Conv"] == 3 and res.op_counts["fp32"]["Conv"] == 1
+    assert "Add" not in res.op_counts["int8"]
+
+
+# --- reproducibility ------------------------------------------------------------------
+
+
+_SUBPROCESS = """
+import sys
+from pipeline.quantize import quantize
+from pipeline.recipe import default_recipe, with_overrides
+r = with_overrides(default_recipe(), {"model.input.size": [32, 32], "calibration.samples": 8, "quantization.engine": sys.argv[4]})
+res = quantize(sys.argv[1], sys.argv[2], sys.argv[3], input_spec=r.model.input, calibration=r.calibration,
+               quantization=r.quantization, recipe=r)
+print(res.int8_sha256)
+"""
+
+
+@pytest.mark.parametrize("engine", ["inc", "ort"])
+def test_same_inputs_and_recipe_give_the_same_int8_bytes(material: dict[str, Path], tmp_path: Path, engine: str) -> None:
+    r = _recipe(**{"quantization.engine": engine})
+    a = _run(material, tmp_path / "a" / "int8.onnx", r)
+    b = _run(material, tmp_path / "b" / "int8.onnx", r)
+    assert a.int8_sha256 == b.int8_sha256 == sha256_file(a.output) == sha256_file(b.output)
+    # Another process with another hash seed (set iteration order) must agree too.
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", _SUBPROCESS, str(material["model"]), str(material["bin"]), str(tmp_path / "c" / "int8.onnx"), engine],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == a.int8_sha256
+    c = _run(material, tmp_path / "d" / "int8.onnx", _recipe(**{"quantization.engine": engine, "calibration.seed": 1}))
+    assert c.calibration["indices_sha256"] != a.calibration["indices_sha256"]
+
+
+# --- manifest ----------------------------------------------------------------------------
+
+
+def test_manifest_hashes_are_true_and_record_recipe_versions_and_cpu(material: dict[str, Path], tmp_path: Path) -> None:
+    r = _recipe(**{"quantization.engine": "ort"})
+    res = _run(material, tmp_path / "art" / "int8.onnx", r, source_model=material["model"])
+    m = json.loads(res.manifest.read_text())
+    assert res.manifest == tmp_path / "art" / "manifest.json"
+    files = m["files"]
+    assert files["int8"]["sha256"] == sha256_file(res.output) == res.int8_sha256
+    assert files["converted"]["sha256"] == sha256_file(material["model"])
+    assert files["source"]["sha256"] == sha256_file(material["model"])
+    assert files["calibration"]["sha256"] == sha256_file(material["bin"])
+    assert m["recipe"] == r.resolved() and m["recipe_sha256"] == r.sha256()
+    idx = calibration_indices(40, 8, seed=0)
+    assert m["calibration"]["indices"] == idx.tolist()
+    assert m["calibration"]["indices_sha256"] == indices_sha256(idx) == res.calibration["indices_sha256"]
+    assert m["calibration"]["samples"] == 8 and m["calibration"]["seed"] == 0
+    env = m["environment"]
+    for k in ("python", "onnx", "onnxruntime", "neural-compressor", "numpy"):
+        assert env["versions"][k], k
+    assert {"avx512_vnni", "amx_tile", "avx2"} <= set(env["cpu"]["flags"])
+    assert env["cpu"]["model"] and env["cpu"]["physical_cores"] >= 1
+    assert m["timing"]["quantize"]["seconds"] > 0 and m["timing"]["quantize"]["peak_rss_mb"] > 0
+    assert m["op_counts"] == res.op_counts
+    assert json.loads(json.dumps(res.to_dict()))["output"] == str(res.output)
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def test_malicious_calibration_file_is_refused_before_anything_runs(material: dict[str, Path], tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    evil = tmp_path / "evil.bin"
+    evil.write_bytes(malicious_pickle(target))
+    out = tmp_path / "o" / "int8.onnx"
+    with pytest.raises(UserError, match="refused to load"):
+        quantize(material["model"], evil, out, input_spec=_recipe().model.input, calibration=_recipe().calibration,
+                 quantization=_recipe().quantization)
+    assert not target.exists() and not out.exists() and not (out.parent / "manifest.json").exists()
+
+
+def test_truncated_and_non_pickle_calibration_files_are_user_errors(material: dict[str, Path], tmp_path: Path) -> None:
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(material["bin"].read_bytes()[:1000])
+    with pytest.raises(UserError, match="truncated"):
+        _run({**material, "bin": cut}, tmp_path / "int8.onnx")
+    with pytest.raises(UserError, match="not a pickle"):
+        _run({**material, "bin": material["model"]}, tmp_path / "int8.onnx")
+    assert not (tmp_path / "int8.onnx").exists()
+
+
+def test_model_and_recipe_image_sizes_must_agree(material: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="input 'data' is 32x32 but the recipe's model.input.size is 112x112"):
+        _run(material, tmp_path / "int8.onnx", _recipe(**{"model.input.size": [112, 112]}))
+
+
+def test_calibration_images_of_another_size_are_resized_with_a_warning(material: dict[str, Path], tmp_path: Path) -> None:
+    big = synthetic_bin(tmp_path / "big.bin", pairs=6, size=(48, 48))
+    res = _run({**material, "bin": big}, tmp_path / "int8.onnx", _recipe(**{"quantization.engine": "ort"}))
+    assert any("48x48, resized to 32x32" in w for w in res.warnings)
+
+
+def test_unconverted_models_are_refused_with_a_hint_to_convert(material: dict[str, Path], tmp_path: Path) -> None:
+    old = face_model(None, size=tuple(SIZE), opset=9)
+    old_path = tmp_path / "opset9.onnx"
+    onnx.save(old, str(old_path))
+    with pytest.raises(UserError, match="opset 9 is too old.*qpipe convert"):
+        _run({**material, "model": old_path}, tmp_path / "int8.onnx")
+    m = onnx.load(str(material["model"]))
+    m.graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in m.graph.initializer)
+    legacy = tmp_path / "legacy.onnx"
+    onnx.save(m, str(legacy))
+    with pytest.raises(UserError, match="initializers are also listed as graph inputs.*qpipe convert"):
+        _run({**material, "model": legacy}, tmp_path / "int8.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\x01 definitely not protobuf" * 10)
+    with pytest.raises(UserError, match="not an ONNX model"):
+        _run({**material, "model": junk}, tmp_path / "int8.onnx")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"quantization.inc_recipes": {"no_such_recipe": True}}, "quantization.inc_recipes: unknown key.*no_such_recipe"),
+        ({"quantization.inc_recipes": {"graph_optimization_level": "FASTEST"}}, "rejected by Intel Neural Compressor.*FASTEST"),
+        ({"quantization.nodes_to_exclude": ["conv99"]}, "nodes_to_exclude names nodes not in .*conv99"),
+        ({"calibration.samples": 500}, "calibration.samples is 500 but the calibration set holds only 40 images"),
+        ({"model.input.name": "pixels"}, "no input named 'pixels'"),
+        (
+            {"quantization.engine": "ort", "quantization.format": "QDQ", "quantization.per_channel": True},
+            "per_channel with format QDQ needs opset 13",
+        ),
+    ],
+)
+def test_recipe_errors_reach_quantize_as_user_errors(material: dict[str, Path], tmp_path: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        _run(material, tmp_path / "int8.onnx", _recipe(**overrides))
+    assert not (tmp_path / "int8.onnx").exists()
+
+
+def test_a_failing_engine_leaves_no_output_and_no_scratch(material: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import quantize as qmod
+
+    def boom(*args: object, **kwargs: object):
+        (kwargs["work"] / "partial.onnx").write_bytes(b"half")
+        raise UserError("engine exploded")
+
+    monkeypatch.setitem(qmod.ENGINES, "ort", boom)
+    out = tmp_path / "o" / "int8.onnx"
+    with pytest.raises(UserError, match="engine exploded"):
+        _run(material, out, _recipe(**{"quantization.engine": "ort"}))
+    assert list(out.parent.iterdir()) == []
+
+
+# --- accuracy-aware tuning -------------------------------------------------------------------
+
+
+def test_inc_accuracy_aware_tuning_evaluates_on_the_recipe_pairs(material: dict[str, Path], tmp_path: Path) -> None:
+    r = _recipe(**{"quantization.tuning.enabled": True, "quantization.tuning.eval_pairs": 20, "quantization.tuning.max_trials": 2})
+    res = _run(material, tmp_path / "int8.onnx", r)
+    assert res.tuning is not None and res.tuning["trials"], res.tuning
+    assert all(t["pairs"] == 20 and 0 <= t["accuracy"] <= 100 for t in res.tuning["trials"])
+    m = json.loads(res.manifest.read_text())
+    assert m["tuning"]["eval_pairs"] == 20
+
+
+def test_pair_accuracy_runs_the_protocol_on_a_subset(material: dict[str, Path]) -> None:
+    vb = read_bin(material["bin"])
+    res = pair_accuracy(material["model"], vb, _recipe().model.input, pairs=20)
+    assert res.pairs == 20 and 50.0 <= res.accuracy <= 100.0
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def _recipe_file(tmp_path: Path, extra: str = "") -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(
+        "name: synth\nmodel:\n  urls: [model.onnx]\n  input: {size: [32, 32]}\n"
+        "calibration: {samples: 8, seed: 0}\n" + extra
+    )
+    return p
+
+
+def test_cli_quantize_writes_the_model_and_prints_op_counts(material: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "cli" / "int8.onnx"
+    res = CliRunner().invoke(
+        app,
+        ["quantize", "--recipe", str(_recipe_file(tmp_path)), "--model", str(material["model"]), "--calib", str(material["bin"]),
+         "--out", str(out), "--engine", "ort", "--quiet"],
+    )
+    assert res.exit_code == 0, res.output
+    assert out.is_file() and (out.parent / "manifest.json").is_file()
+    assert "int8: " in res.output and "Conv 4" in res.output
+    assert json.loads((out.parent / "manifest.json").read_text())["engine"] == "ort"
+
+
+def test_cli_malicious_bin_exits_2_with_one_line_and_runs_nothing(material: dict[str, Path], tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    evil = tmp_path / "evil.bin"
+    evil.write_bytes(malicious_pickle(target))
+    out = tmp_path / "o" / "int8.onnx"
+    res = CliRunner().invoke(
+        app, ["quantize", "--recipe", str(_recipe_file(tmp_path)), "--model", str(material["model"]), "--calib", str(evil), "--out", str(out), "-q"]
+    )
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("qpipe: error:") and "refused to load" in lines[0], res.output
+    assert not target.exists() and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, args, message",
+    [
+        ("quantization: {engine: tflite}\n", [], "quantization.engine"),
+        ("quantization: {per_chanel: true}\n", [], "per_chanel: unknown key"),
+        ("", ["--engine", "tflite"], "quantization.engine"),
+    ],
+)
+def test_cli_recipe_errors_exit_2_naming_the_key(material: dict[str, Path], tmp_path: Path, extra: str, args: list[str], message: str) -> None:
+    res = CliRunner().invoke(
+        app,
+        ["quantize", "--recipe", str(_recipe_file(tmp_path, extra)), "--model", str(material["model"]), "--calib", str(material["bin"]),
+         "--out", str(tmp_path / "int8.onnx"), "-q", *args],
+    )
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_cli_missing_model_exits_2(material: dict[str, Path], tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        app, ["quantize", "--model", str(tmp_path / "none.onnx"), "--calib", str(material["bin"]), "--out", str(tmp_path / "q.onnx"), "-q"]
+    )
+    assert res.exit_code == 2 and "not found" in res.output
+
+
+# --- real data --------------------------------------------------------------------------------
+
+
+def test_real_mobilefacenet_int8_stays_within_0_3_points_on_lfw_subset(shared_model: Path, shared_lfw: Path, tmp_path: Path) -> None:
+    from pipeline.convert import convert
+
+    converted = tmp_path / "mobilefacenet-opset11.onnx"
+    convert(shared_model, converted, opset=11, dynamic_batch=True)
+    recipe = with_overrides(default_recipe(), {"calibration.samples": 200})
+    res = quantize(converted, shared_lfw, tmp_path / "int8.onnx", input_spec=recipe.model.input, calibration=recipe.calibration,
+                   quantization=recipe.quantization, recipe=recipe)
+    assert res.op_counts["int8"]["Conv"] == 51
+    vb = read_bin(shared_lfw)
+    pairs = 1200  # two whole folds of the canonical order: 600 same, 600 different
+    fp32 = pair_accuracy(converted, vb, recipe.model.input, pairs=pairs)
+    int8 = pair_accuracy(res.output, vb, recipe.model.input, pairs=pairs)
+    assert fp32.accuracy - int8.accuracy <= 0.3, (fp32.accuracy, int8.accuracy)
