@@ -1,0 +1,111 @@
+"""Where the time goes: onnxruntime's per-operator profile of fp32 and int8 models, by op type.
+
+    python benchmarks/profile_ops.py artifacts/bench-cache/lresnet100w64-opset11.onnx \
+        artifacts/bench-cache/lresnet100w64-ort-qop-pc-s100.onnx --runs 10
+
+Each model gets a session with ``enable_profiling`` (same thread settings as
+the latency benchmark), a few warm-up runs, then ``--runs`` batch-1 runs; the
+kernel times of the profiled runs are summed by op type (after onnxruntime's
+graph optimisations, so the names are the kernels that actually ran, e.g.
+``QLinearConv`` or the NCHWc ``Conv``) and divided by the run count. The
+models are profiled one after the other, alternating, ``--repeats`` times, and
+the per-op figure is the median over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+
+def profile_once(path: Path, x: np.ndarray, *, runs: int, warmup: int, threads: int, tmp: str) -> dict[str, float]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tmp, path.stem)
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    one = x[:1]
+    for _ in range(warmup):
+        sess.run(None, {name: one})
+    for _ in range(runs):
+        sess.run(None, {name: one})
+    trace = json.loads(Path(sess.end_profiling()).read_text())
+    runs_ev = [e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    # model_run events are in order: the warm-up runs are the first ones, left out here.
+    keep = runs_ev[-runs:]
+    lo = keep[0]["ts"]
+    out: dict[str, float] = defaultdict(float)
+    total = 0.0
+    for e in trace:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= lo:
+            op = e.get("args", {}).get("op_name", "?")
+            out[op] += e["dur"] / 1000.0 / runs
+            total += e["dur"] / 1000.0 / runs
+    out["(model_run wall)"] = float(np.mean([e["dur"] for e in keep])) / 1000.0
+    out["(sum of kernels)"] = total
+    return dict(out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("models", nargs="+", type=Path)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--top", type=int, default=12)
+    a = ap.parse_args(argv)
+    from pipeline.envinfo import physical_cores
+
+    threads = a.threads or physical_cores()
+    x = common.faces(4)
+    per: dict[str, list[dict[str, float]]] = {str(p): [] for p in a.models}
+    load0 = common.load_avg()
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.repeats):
+            order = a.models if r % 2 == 0 else a.models[::-1]
+            for p in order:
+                per[str(p)].append(profile_once(p, x, runs=a.runs, warmup=a.warmup, threads=threads, tmp=tmp))
+    med: dict[str, dict[str, float]] = {}
+    for p, reps in per.items():
+        ops = set().union(*reps)
+        med[p] = {op: float(np.median([d.get(op, 0.0) for d in reps])) for op in ops}
+    ops = sorted(set().union(*med.values()), key=lambda op: -max(m.get(op, 0.0) for m in med.values()))
+    special = [o for o in ops if o.startswith("(")]
+    ops = [o for o in ops if not o.startswith("(")][: a.top] + special
+    names = [Path(p).stem for p in med]
+    header = ["op type"] + [f"{n} ms/run (share)" for n in names]
+    rows = []
+    for op in ops:
+        row = [op]
+        for p in med:
+            v = med[p].get(op, 0.0)
+            tot = med[p].get("(sum of kernels)", 1.0)
+            row.append(f"{v:.2f}" + ("" if op.startswith("(") else f" ({100 * v / tot:.0f}%)"))
+        rows.append(row)
+    print(f"onnxruntime profile, batch 1, {threads} threads, {a.runs} runs x {a.repeats} repeats (median); load average {load0} -> {common.load_avg()}")
+    print(common.cpu_line())
+    print(common.markdown_table(header, rows))
+    return med
+
+
+if __name__ == "__main__":
+    main()
