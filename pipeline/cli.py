@@ -26,6 +26,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Help texts cite recipe keys as [recipe a.b]; rich markup would eat the brackets.
+    rich_markup_mode=None,
 )
 manifest_app = typer.Typer(help="Check an artifact directory against its manifest.", no_args_is_help=True)
 app.add_typer(manifest_app, name="manifest")
@@ -102,21 +104,26 @@ def _emit(result: Any, as_json: bool, lines: list[str]) -> None:
 def download(
     recipe: RecipeOpt = Path("recipes/int8.yaml"),
     dest: Annotated[Path, typer.Option(help="Cache directory for the model and the data.")] = DEFAULT_CACHE,
-    offline: Annotated[bool, typer.Option(help="Use only the cache; fail if a file is not there.")] = False,
+    offline: Annotated[
+        bool, typer.Option(help="No network: use the cache and local (file://, path) sources only; fail if a file is in neither.")
+    ] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fetch the model and the evaluation data, trying mirrors in order, verifying sha256, into a cache."""
+    """Fetch the model and the evaluation data, trying mirrors in order, verifying sha256, into a cache.
+
+    A zip member (data.member) is read by HTTP range requests; a second call is answered from the cache.
+    """
     from pipeline.download import download as run_download
 
     r = _recipe(recipe)
+    # Warnings (unpinned hash, failed mirrors, no range support) reach stderr through progress.log as they happen.
     res = run_download(r, dest, offline=offline, progress=_progress(quiet))
     lines = []
     for f in (res.model, res.data):
         if f is not None:
-            how = "cached" if f.cached else f"from {f.source}"
+            how = "cached" if f.cached else f"from {f.source}, {f.size / 1e6:.1f} MB in {f.seconds:.1f} s"
             lines.append(f"{f.kind}: {f.path} sha256={f.sha256} ({how})")
-    lines += [f"warning: {w}" for w in res.warnings]
     _emit(res, json_out, lines)
 
 
@@ -155,10 +162,16 @@ def convert(
         min_cosine=c.min_cosine,
         progress=_progress(quiet),
     )
-    lines = [f"wrote {res.output} (opset {res.opset_from} -> {res.opset_to}, ir_version {res.ir_version})"]
+    if res.copied:
+        lines = [f"copied {res.source} unchanged to {res.output} (already at opset {res.opset_from})"]
+    else:
+        lines = [f"wrote {res.output} (opset {res.opset_from} -> {res.opset_to}, ir_version {res.ir_version}) in {res.seconds:.1f} s"]
     lines += [f"repaired: {x}" for x in res.repairs]
+    batch = f" and one batch of {res.batch_checked}" if res.batch_checked else ""
+    against = "" if res.reference == "source model" else f" (compared with the {res.reference})"
     lines.append(
-        f"equivalence: worst cosine {res.worst_cosine:.7f}, max abs diff {res.max_abs_diff:.3g} over {res.samples} {res.sample_source}"
+        f"equivalence: worst cosine {res.worst_cosine:.7f}, max abs diff {res.max_abs_diff:.3g} "
+        f"over {res.samples} {res.sample_source}{batch}{against}"
     )
     _emit(res, json_out, lines)
 
@@ -221,6 +234,10 @@ def quantize(
         counts = res.op_counts.get(kind, {})
         if counts:
             lines.append(f"{kind}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if res.weights.get("reduce_range"):
+        dw = res.weights.get("depthwise_8bit", 0)
+        lines.append("weights: 7-bit (reduce_range)" + (f", 8-bit in {dw} depthwise conv(s)" if dw else ""))
+    lines.append(f"calibration: {res.calibration['samples']} images (seed {res.calibration['seed']}) from {res.calibration['source']}")
     lines.append(f"manifest: {res.manifest}")
     lines += [f"warning: {w}" for w in res.warnings]
     _emit(res, json_out, lines)
@@ -244,7 +261,34 @@ def verify(
     quiet: QuietOpt = False,
 ) -> None:
     """Gate the int8 model on verification accuracy parity with fp32 and on measured speedup (exit 1 on failure)."""
-    raise UserError("verify is not available yet")
+    from pipeline.report import summary_lines
+    from pipeline.verify import default_data, verify as run_verify
+
+    r = _recipe(
+        recipe,
+        **{
+            "verify.pairs": pairs,
+            "verify.threads": threads,
+            "verify.rounds": rounds,
+            "gate.max_accuracy_drop": max_accuracy_drop,
+            "gate.min_speedup": min_speedup,
+        },
+    )
+    if fp32 is None or int8 is None:
+        raise UserError("verify needs --fp32 and --int8: the two models to compare")
+    sets = list(data or [])
+    if not sets and recipe is not None:
+        found = default_data(r, DEFAULT_CACHE)
+        sets = [found] if found is not None else []
+    if not sets:
+        raise UserError("verify needs --data FILE.bin (an insightface verification set; give it several times for several sets)")
+    res = run_verify(
+        fp32, int8, sets, input_spec=r.model.input, verify=r.verify, gate=r.gate,
+        report_dir=report, cache_dir=cache_dir, progress=_progress(quiet),
+    )
+    _emit(res, json_out, summary_lines(res))
+    if not res.passed:
+        raise GateFailed(res.gate["reasons"])
 
 
 @app.command()
@@ -253,11 +297,32 @@ def run(
     recipe: RecipeOpt = Path("recipes/int8.yaml"),
     workdir: Annotated[Optional[Path], typer.Option(help="Artifact root [artifacts/].")] = None,
     offline: Annotated[bool, typer.Option(help="Use only cached downloads.")] = False,
+    cache: Annotated[Path, typer.Option(help="Download cache (as `qpipe download --dest`).")] = DEFAULT_CACHE,
+    embeddings: Annotated[Path, typer.Option(help="Cache of fp32 embeddings (as `qpipe verify --cache-dir`).")] = Path("calibration") / "embeddings",
+    max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Gate: largest accuracy drop in points [recipe gate.max_accuracy_drop].")] = None,
+    min_speedup: Annotated[Optional[float], typer.Option(help="Gate: smallest speedup [recipe gate.min_speedup].")] = None,
+    pairs: Annotated[Optional[int], typer.Option(help="Verify on the first N pairs only: a quick subset gate [recipe verify.pairs].")] = None,
+    lock_timeout: Annotated[float, typer.Option(help="Seconds to wait for another run building the same recipe.")] = 3600.0,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Download, convert, quantize and verify into artifacts/<name>/<date>-<hash>/; exit code as verify."""
-    raise UserError("run is not available yet")
+    from pipeline.run import reproduce_command
+    from pipeline.run import run as run_build
+
+    overrides = {"gate.max_accuracy_drop": max_accuracy_drop, "gate.min_speedup": min_speedup, "verify.pairs": pairs}
+    r = _recipe(recipe, **overrides)
+    res = run_build(
+        r, workdir=workdir, offline=offline, progress=_progress(quiet), cache_dir=cache, embeddings_dir=embeddings,
+        command=reproduce_command(str(recipe) if recipe is not None else None, overrides), lock_timeout=lock_timeout,
+    )
+    lines = [f"{name}: reused (inputs unchanged)" if st.reused else f"{name}: done in {st.wall_s:.1f} s" for name, st in res.stages.items()]
+    lines += [f"artifact: {res.directory}", f"model card: {res.model_card}", f"manifest: {res.manifest}"]
+    lines.append(f"gate: {'passed' if res.passed else 'FAILED'}" + (f"; latest -> {res.latest}" if res.latest else ""))
+    lines += [f"warning: {w}" for w in res.warnings]
+    _emit(res, json_out, lines)
+    if not res.passed:
+        raise GateFailed(list(res.gate.get("reasons") or ["gate failed"]))
 
 
 @app.command()
@@ -268,34 +333,79 @@ def diagnose(
     int8: Annotated[Optional[Path], typer.Option(help="An int8 model to examine (optional).")] = None,
     calib: Annotated[Optional[Path], typer.Option(help="Calibration faces (.bin or folder).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Directory for diagnose.json and diagnose.md.")] = None,
+    samples: Annotated[
+        Optional[int], typer.Option(help="Faces the sensitivity is measured on [recipe quantization.recovery.sensitivity_samples].")
+    ] = None,
+    both: Annotated[
+        bool, typer.Option("--both/--alone-only", help="Also measure each node left fp32 with all others int8 (about twice the time).")
+    ] = True,
+    top: Annotated[int, typer.Option(help="Sensitivity rows printed (the report has every node).")] = 10,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Layer-wise quantization sensitivity and static findings (dead channels, zero scales, outliers)."""
-    raise UserError("diagnose is not available yet")
+    from pipeline.diagnose import diagnose as run_diagnose
+
+    if fp32 is None:
+        raise UserError("diagnose needs --fp32 (the converted fp32 model)")
+    r = _recipe(recipe, **{"quantization.recovery.sensitivity_samples": samples})
+    if calib is None and recipe is not None:
+        from pipeline.verify import default_data
+
+        calib = default_data(r, DEFAULT_CACHE)
+    if calib is None:
+        raise UserError("diagnose needs calibration faces: --calib FILE.bin or an image folder")
+    res = run_diagnose(
+        fp32, calib=calib, input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, int8=int8,
+        both=both, report_dir=report, progress=_progress(quiet),
+    )
+    lines = res.summary(top)
+    if res.report_md is not None:
+        lines.append(f"report: {res.report_md} and {res.report_json}")
+    _emit(res, json_out, lines)
 
 
 @manifest_app.command("verify")
 @stage_command
 def manifest_verify(
     directory: Annotated[Path, typer.Argument(help="Artifact directory with manifest.json.")],
+    allow_extra: Annotated[bool, typer.Option(help="Do not count files that the manifest does not list.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Re-hash every file the manifest lists; exit 1 on any difference."""
-    raise UserError("manifest verify is not available yet")
+    """Re-hash every file the manifest lists; exit 1 on any difference, 2 when the manifest is missing or invalid."""
+    from pipeline.manifest import verify_manifest
+
+    check = verify_manifest(directory, allow_extra=allow_extra)
+    lines = check.problems() + [f"{'OK' if check.ok else 'FAILED'}: {check.checked} files checked in {check.directory}"]
+    _emit(check, json_out, lines)
+    if not check.ok:
+        raise typer.Exit(code=1)
 
 
 @app.command()
 @stage_command
 def embed(
-    images: Annotated[list[Path], typer.Argument(help="Photos (faces are detected and aligned).")],
+    images: Annotated[list[Path], typer.Argument(help="Photos or folders of photos (faces are detected and aligned).")],
     model: Annotated[Path, typer.Option("--model", "-m", help="fp32 or int8 model.")],
     recipe: RecipeOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write embeddings to this .npy (+ .json index) instead of printing.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write embeddings to this .npy (+ .json index beside it) instead of printing.")] = None,
+    select: Annotated[str, typer.Option(help="Face to use when a photo shows several: largest or center.")] = "largest",
+    flip: Annotated[
+        Optional[bool], typer.Option("--flip/--no-flip", help="Sum with the mirror image's embedding, as verify does (default: recipe verify.flip, true).")
+    ] = None,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Detect, align and embed photos; L2-normalised embeddings."""
-    raise UserError("embed is not available yet")
+    from pipeline.apply import embed as run_embed
+
+    r = _recipe(recipe, **{"verify.flip": flip})
+    res = run_embed(images, model=model, input_spec=r.model.input, select=select, flip=r.verify.flip, out=out, progress=_progress(quiet))
+    if res.out is not None:
+        lines = [f"wrote {res.out} ({len(res.images)} x {res.dim} float32, L2-normalised) and index {res.index}"]
+    else:
+        lines = [f"{p}\t" + " ".join(f"{v:.6f}" for v in e) for p, e in zip(res.images, res.embeddings)]
+    _emit(res, json_out, lines)
 
 
 @app.command()
@@ -304,26 +414,58 @@ def compare(
     a: Annotated[Path, typer.Argument(help="First photo.")],
     b: Annotated[Path, typer.Argument(help="Second photo.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="fp32 or int8 model.")],
-    threshold: Annotated[Optional[float], typer.Option(help="Cosine similarity threshold for 'same'.")] = None,
-    report: Annotated[Optional[Path], typer.Option(help="A verify report (dir or report.json) to take the threshold from.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Cosine similarity above which the faces are the same person.")] = None,
+    report: Annotated[
+        Optional[Path], typer.Option(help="A verify report (dir or report.json): its mean best threshold (squared L2) converted to cosine.")
+    ] = None,
+    select: Annotated[str, typer.Option(help="Face to use when a photo shows several: largest or center.")] = "largest",
+    flip: Annotated[
+        Optional[bool], typer.Option("--flip/--no-flip", help="Sum with the mirror image's embedding, as verify does (default: as the report's protocol did, else recipe verify.flip).")
+    ] = None,
     recipe: RecipeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Cosine similarity of two faces and a same/different verdict."""
-    raise UserError("compare is not available yet")
+    from pipeline.apply import compare as run_compare
+
+    r = _recipe(recipe)
+    if flip is None and report is None and recipe is not None:
+        flip = r.verify.flip
+    # flip None with a report: compare uses the protocol the report's threshold was found with.
+    res = run_compare(a, b, model=model, input_spec=r.model.input, threshold=threshold, report=report, select=select, flip=flip)
+    lines = [
+        f"{res.verdict}: cosine {res.cosine:.4f} {'>' if res.same else '<='} threshold {res.threshold_cosine:.4f} "
+        f"(squared L2 {res.distance:.4f} vs {res.threshold_distance:.4f}; threshold from {res.threshold_source})"
+    ]
+    lines += [f"note: {n}" for n in res.notes]
+    _emit(res, json_out, lines)
 
 
 @app.command("pack-bin")
 @stage_command
 def pack_bin(
-    images: Annotated[Path, typer.Option(help="Folder of photos, one sub-folder per person.")],
+    images: Annotated[Path, typer.Option(help="Folder of photos: LFW layout Name/Name_0001.jpg, or one sub-folder per person.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="insightface .bin to write.")],
     pairs: Annotated[Optional[Path], typer.Option(help="LFW pairs.txt naming the pairs.")] = None,
+    identities: Annotated[bool, typer.Option("--identities", help="Draw same/different pairs from the sub-folders (one per person) instead of --pairs.")] = False,
+    num_pairs: Annotated[int, typer.Option(help="With --identities: number of pairs, half same, half different.")] = 600,
+    seed: Annotated[int, typer.Option(help="With --identities: seed for drawing the pairs.")] = 0,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail when a photo cannot be read or shows no face (default: list and skip it).")] = False,
+    select: Annotated[str, typer.Option(help="Face to use when a photo shows several: largest or center.")] = "largest",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Detect, align and pack your own photos into an insightface .bin for quantize --calib and verify --data."""
-    raise UserError("pack-bin is not available yet")
+    from pipeline.apply import pack_bin as run_pack
+
+    res = run_pack(
+        images, out, pairs=pairs, identities=identities, num_pairs=num_pairs, seed=seed, strict=strict, select=select, progress=_progress(quiet)
+    )
+    lines = [f"wrote {res.out}: {res.pairs} pairs ({res.same} same, {res.different} different) from {res.photos} photos; sha256={res.sha256}"]
+    if res.skipped:
+        lines.append(f"skipped {len(res.skipped)} photo(s) and {res.dropped_pairs} pair(s) naming them:")
+        lines += [f"  {s['path']}: {s['reason']}" for s in res.skipped]
+    _emit(res, json_out, lines)
 
 
 @app.command("recipe-doc")

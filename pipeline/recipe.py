@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,6 +82,8 @@ class Source(_Section):
 
 class ModelSource(Source):
     input: InputSpec = Field(default_factory=InputSpec, description="Preprocessing: how images become the model input.")
+    license: str | None = Field(None, description="Licence of the model weights (e.g. Apache-2.0), quoted in the model card; null: not stated.")
+    description: str | None = Field(None, description="One line on what the model is and where it comes from, for the model card.")
 
 
 class ConvertSection(_Section):
@@ -117,13 +120,33 @@ class RecoverySection(_Section):
     max_accuracy_drop: float | None = Field(None, description="Target drop in LFW points; null: gate.max_accuracy_drop.")
     eval_pairs: int = Field(1200, description="Pairs of the evaluation subset used while recovering.")
     max_fp32_nodes: int = Field(10, description="Upper bound on nodes returned to fp32.")
+    sensitivity_samples: int = Field(
+        64, description="Calibration faces on which each node's quantization error (1 - cosine to fp32) is measured by diagnose and recovery."
+    )
+    repair: bool = Field(
+        True, description="Before any fp32 fallback, try function-preserving repairs (cross-layer equalisation, near-dead channels, per-channel weights, percentile calibration)."
+    )
+    confirm: bool = Field(
+        True, description="Re-check a candidate that meets the target on the evaluation subset on the pairs the verify gate uses (verify.pairs) before stopping."
+    )
 
 
 class QuantizationSection(_Section):
     engine: Literal["inc", "ort"] = Field("inc", description="inc: Intel Neural Compressor 3.7 fit(); ort: onnxruntime quantize_static.")
     approach: Literal["static"] = Field("static", description="Post-training static quantization.")
     format: Literal["QOperator", "QDQ"] = Field("QOperator", description="Quantized graph format.")
-    per_channel: bool = Field(False, description="Per-channel weight scales.")
+    per_channel: bool | None = Field(
+        None, description="Per-channel weight scales; null: the engine's default (inc: per-channel Conv/MatMul, ort: per-tensor)."
+    )
+    reduce_range: bool = Field(
+        True,
+        description="7-bit weights for GEMM-based int8 kernels, which saturate on AVX2 CPUs without VNNI; "
+        "explicit, so the int8 bytes do not depend on the CPU (INC's own default does).",
+    )
+    reduce_range_depthwise: bool = Field(
+        False,
+        description="Also 7-bit weights for depthwise convolutions (their kernel accumulates in int32 and cannot saturate).",
+    )
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="Activation range estimator.")
     op_types_to_quantize: list[str] | None = Field(None, description="Op types to quantize; null: the engine's default set.")
     op_types_to_exclude: list[str] = Field([], description="Op types left in fp32.")
@@ -197,7 +220,7 @@ def _line_index(text: str) -> dict[tuple[Any, ...], int]:
     """Map each key path in the YAML document to its 1-based line number."""
     lines: dict[tuple[Any, ...], int] = {}
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_YAML_LOADER)
     except yaml.YAMLError:
         return lines
 
@@ -234,15 +257,59 @@ def _format_errors(err: ValidationError, where: str, lines: dict[tuple[Any, ...]
         elif e["type"] == "missing":
             msg = "required key is missing"
         at = f"{where}:{line}" if line else where
-        got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e.get('input')!r})"
+        # reprlib: a wrong value quoted in the one-line message, shortened if it is long.
+        got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {reprlib.repr(e.get('input'))})"
         parts.append(f"{at}: {key}: {msg}{got}")
     return "invalid recipe: " + "; ".join(parts)
+
+
+# libyaml's safe loader when PyYAML has it: the pure-Python one takes seconds on a few thousand nested
+# brackets (a slow-input hazard for recipes from elsewhere); both refuse the same non-safe tags.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+# A recipe holds a few dozen values; these bounds only stop hostile YAML (alias bombs, runaway nesting).
+MAX_NESTING = 32
+MAX_VALUES = 10_000
+
+
+def _check_bounds(data: Any, where: str) -> None:
+    """Refuse data nested past MAX_NESTING, containing itself, or expanding past MAX_VALUES values.
+
+    YAML aliases share one object, so a few lines can stand for billions of
+    values ("billion laughs") or for a value that contains itself; validating,
+    hashing or locating errors in it would exhaust time, memory or the stack.
+    """
+    sizes: dict[int, int] = {}
+    walking: set[int] = set()
+
+    def size(x: Any, depth: int) -> int:
+        if not isinstance(x, (dict, list, tuple)):
+            return 1
+        if depth >= MAX_NESTING:
+            raise UserError(f"invalid recipe: {where}: nested more than {MAX_NESTING} levels deep")
+        key = id(x)
+        if key in walking:
+            raise UserError(f"invalid recipe: {where}: a YAML alias refers to a value that contains it")
+        if key in sizes:
+            return sizes[key]
+        walking.add(key)
+        n = 1
+        for item in [*x.keys(), *x.values()] if isinstance(x, dict) else x:
+            n += size(item, depth + 1)
+            if n > MAX_VALUES:
+                raise UserError(f"invalid recipe: {where}: expands to more than {MAX_VALUES:,} values (through YAML aliases?)")
+        walking.discard(key)
+        sizes[key] = n
+        return n
+
+    size(data, 0)
 
 
 def parse_recipe(data: Any, where: str = "recipe", lines: dict[tuple[Any, ...], int] | None = None) -> Recipe:
     """Validate already-parsed data into a Recipe, or raise a UserError naming the key."""
     if not isinstance(data, dict):
         raise UserError(f"invalid recipe: {where}: the top level must be a mapping of keys, got {type(data).__name__}")
+    _check_bounds(data, where)
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
@@ -261,14 +328,18 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read recipe {p}: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_YAML_LOADER)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"{p}:{mark.line + 1}" if mark is not None else str(p)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UserError(f"invalid YAML in recipe {at}: {problem}") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise UserError(f"invalid recipe: {p}: nested more than {MAX_NESTING} levels deep") from None
     if data is None:
         raise UserError(f"recipe is empty: {p}")
+    if isinstance(data, dict):
+        _check_bounds(data, str(p))  # before _line_index walks the same YAML nodes
     recipe = parse_recipe(data, str(p), _line_index(text))
     recipe._base_dir = p.resolve().parent
     return recipe

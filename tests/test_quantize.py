@@ -347,3 +347,68 @@ def test_real_mobilefacenet_int8_stays_within_0_3_points_on_lfw_subset(shared_mo
     fp32 = pair_accuracy(converted, vb, recipe.model.input, pairs=pairs)
     int8 = pair_accuracy(res.output, vb, recipe.model.input, pairs=pairs)
     assert fp32.accuracy - int8.accuracy <= 0.3, (fp32.accuracy, int8.accuracy)
+
+
+# --- weight ranges ------------------------------------------------------------------------------
+
+
+def _qlinearconv_weights(path: Path) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    return {n.name: inits[n.input[3]] for n in m.graph.node if n.op_type == "QLinearConv"}
+
+
+def _activation_params(path: Path) -> dict[str, list]:
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    return {n.name: [inits[n.input[i]].tolist() for i in (1, 2, 6, 7)] for n in m.graph.node if n.op_type == "QLinearConv"}
+
+
+@pytest.mark.parametrize("engine", ["inc", "ort"])
+def test_reduce_range_gives_7_bit_weights_except_depthwise_and_full_range_activations(
+    material: dict[str, Path], tmp_path: Path, engine: str
+) -> None:
+    base = {"quantization.engine": engine, "quantization.per_channel": True}
+    split = _run(material, tmp_path / "split" / "int8.onnx", _recipe(**base))
+    assert split.weights == {"reduce_range": True, "depthwise_8bit": 1}
+    w = _qlinearconv_weights(split.output)
+    dw = [k for k in w if k.startswith("conv2")]
+    assert len(dw) == 1  # the synthetic model's one depthwise conv
+    assert int(np.abs(w[dw[0]]).max()) == 127
+    assert all(int(np.abs(v).max()) <= 64 for k, v in w.items() if k not in dw)
+
+    full = _run(material, tmp_path / "full" / "int8.onnx", _recipe(**base, **{"quantization.reduce_range": False}))
+    assert full.weights == {"reduce_range": False, "depthwise_8bit": 0}
+    assert all(int(np.abs(v).max()) == 127 for v in _qlinearconv_weights(full.output).values())
+    # reduce_range narrows weights only: activation scales and zero points are those of the 8-bit run
+    # (INC on its own would narrow the activations to 7 bits too).
+    assert _activation_params(split.output) == _activation_params(full.output)
+
+    every = _run(material, tmp_path / "all" / "int8.onnx", _recipe(**base, **{"quantization.reduce_range_depthwise": True}))
+    assert every.weights["depthwise_8bit"] == 0
+    assert all(int(np.abs(v).max()) <= 64 for v in _qlinearconv_weights(every.output).values())
+
+
+def test_environment_facts_and_peak_memory() -> None:
+    from pipeline.envinfo import PeakMemory, cpu_info, environment, process_peak_rss_mb
+
+    env = environment()
+    assert env["versions"]["python"].count(".") == 2
+    assert env["versions"]["onnxruntime"] and env["versions"]["numpy"] == np.__version__
+    assert set(env["cpu"]["flags"]) >= {"avx2", "avx512_vnni", "amx_tile", "amx_int8"}
+    assert all(isinstance(v, bool) for v in env["cpu"]["flags"].values())
+    assert cpu_info()["logical_cores"] >= cpu_info()["physical_cores"] >= 1
+    with PeakMemory(interval=0.005) as mem:
+        before = mem.peak_mb
+        block = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, touched
+        block.sum()
+        import time
+
+        time.sleep(0.05)
+    del block
+    assert mem.peak_mb >= before + 50 and mem.seconds > 0
+    assert process_peak_rss_mb() >= mem.peak_mb * 0.9
