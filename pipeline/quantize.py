@@ -29,7 +29,9 @@ import io
 import json
 import logging
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -42,7 +44,7 @@ import onnx
 from pipeline.data import CalibrationData, ImageFolder, VerificationBin, open_images, preprocess
 from pipeline.envinfo import PeakMemory, environment, physical_cores
 from pipeline.errors import UserError
-from pipeline.fsutil import atomic_write_bytes, atomic_write_json, require_file, sha256_bytes, sha256_file
+from pipeline.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, require_file, sha256_bytes, sha256_file
 from pipeline.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:
@@ -455,6 +457,36 @@ def _inc_full_range_activations() -> Iterator[None]:
         ONNXRTAugment.__init__ = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _signals_survive_inc() -> Iterator[None]:
+    """Re-raise Ctrl-C / SIGTERM after INC's fit(), which swallows KeyboardInterrupt.
+
+    INC 3.7 wraps its tuning loop in ``except KeyboardInterrupt: pass`` and then
+    returns None (or its best model so far), so an interrupted quantize would
+    look like an engine failure or even a success. The signal is recorded here
+    and raised again once fit() has returned.
+    """
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in saved:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in saved.items():
+            signal.signal(sig, h)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _quantize_inc(
     model_path: Path,
     facts: _ModelFacts,
@@ -494,7 +526,9 @@ def _quantize_inc(
         saved_workspace = options.workspace
         options.workspace = str(work / "nc_workspace")
         try:
-            with _inc_full_range_activations(), progress.task(f"calibrating (inc{label})", total=data.num_samples, unit="img") as t:
+            with _inc_full_range_activations(), _signals_survive_inc(), progress.task(
+                f"calibrating (inc{label})", total=data.num_samples, unit="img"
+            ) as t:
                 qmodel = inc_quantization.fit(
                     str(model_path), conf, calib_dataloader=_CountingLoader(data, t), eval_func=eval_func
                 )
@@ -800,6 +834,10 @@ def quantize(
 
         source = open_images(calib)
         data = CalibrationData.from_section(source, input_spec, calibration, facts.input_name)
+        # Decode the chosen images up front: a corrupt one is then our one-line error naming its
+        # index, not an exception inside the engine (INC prints its own traceback for those).
+        for start in range(0, len(data.indices), 64):
+            source.decode_many(data.indices[start : start + 64])
         if source.image_size != tuple(input_spec.size):
             warnings.append(
                 f"calibration images are {source.image_size[0]}x{source.image_size[1]}, resized to "
@@ -846,9 +884,7 @@ def quantize(
         _smoke_test(int8_bytes, data, facts)
         op_counts = count_ops(run.model)
         del run.model
-        atomic_write_bytes(out, int8_bytes)
         int8_sha = sha256_bytes(int8_bytes)
-        del int8_bytes
 
     seconds = time.perf_counter() - t0
     calib_info = {
@@ -876,7 +912,7 @@ def quantize(
         "files": {
             "source": _file_entry(src_path),
             "converted": _file_entry(model_path),
-            "int8": {"path": str(out), "sha256": int8_sha, "size": out.stat().st_size},
+            "int8": {"path": str(out), "sha256": int8_sha, "size": len(int8_bytes)},
             "calibration": {"path": str(source.path), "sha256": calib_info["sha256"], "kind": calib_info["kind"]},
         },
         "calibration": {**calib_info, "indices": [int(i) for i in data.indices]},
@@ -889,7 +925,12 @@ def quantize(
         "timing": {"quantize": {"seconds": round(seconds, 3), "peak_rss_mb": round(mem.peak_mb, 1)}},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write_json(manifest_path, manifest)
+    # The model is renamed into place only after its manifest is written: a failure in between
+    # (a full disk) leaves the previous int8.onnx beside the manifest that describes it.
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(int8_bytes)
+        atomic_write_json(manifest_path, manifest)
+    del int8_bytes
     for w in warnings:
         progress.log(f"warning: {w}")
     result = QuantizeResult(
