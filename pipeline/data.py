@@ -477,16 +477,21 @@ class CalibrationData:
     def indices_sha256(self) -> str:
         return indices_sha256(self.indices)
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.indices) / self.batch_size) * (2 if self.flip else 1)
+    def _plan(self) -> list[tuple[int, bool]]:
+        """(first index position, flipped) of each batch, in order."""
+        views = (False, True) if self.flip else (False,)
+        return [(s, v) for s in range(0, len(self.indices), self.batch_size) for v in views]
 
-    def arrays(self) -> Iterator[np.ndarray]:
-        """The preprocessed batches, in a fixed order."""
-        for start in range(0, len(self.indices), self.batch_size):
-            imgs = self.source.decode_many(self.indices[start : start + self.batch_size])
-            yield preprocess(imgs, self.spec)
-            if self.flip:
-                yield preprocess(imgs, self.spec, flip=True)
+    def __len__(self) -> int:
+        return len(self._plan())
+
+    def arrays(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        """The preprocessed batches ``start:stop``, in a fixed order."""
+        decoded: tuple[int, np.ndarray] | None = None
+        for first, flip in self._plan()[start:stop]:
+            if decoded is None or decoded[0] != first:
+                decoded = (first, self.source.decode_many(self.indices[first : first + self.batch_size]))
+            yield preprocess(decoded[1], self.spec, flip=flip)
 
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
         for x in self.arrays():
@@ -502,14 +507,20 @@ class CalibrationData:
         class _Reader(CalibrationDataReader):
             def __init__(self) -> None:
                 self._it: Iterator[np.ndarray] | None = None
+                self._range: tuple[int, int | None] = (0, None)
 
             def get_next(self) -> dict[str, np.ndarray] | None:
                 if self._it is None:
-                    self._it = data.arrays()
+                    self._it = data.arrays(*self._range)
                 x = next(self._it, None)
                 return None if x is None else {name: x}
 
             def rewind(self) -> None:
+                self._it = None
+
+            def set_range(self, start_index: int, end_index: int) -> None:
+                # onnxruntime's strided calibration reads the batches a slice at a time.
+                self._range = (start_index, end_index)
                 self._it = None
 
             def __len__(self) -> int:

@@ -91,6 +91,7 @@ class QuantScheme:
     # sits at level 255, so Clip(0, 6) lets values up to about 12 through.
     clip_bound_lost: bool = False
     depthwise_half_levels: int | None = None  # depthwise convs' weights, when they differ
+    calibration: str = "minmax"  # activation range estimator: minmax | percentile (entropy is simulated as minmax)
 
     @classmethod
     def from_section(cls, q: "QuantizationSection") -> "QuantScheme":
@@ -102,11 +103,15 @@ class QuantScheme:
         half = 64 if reduce else 127
         # quantize.py keeps 8-bit weights for depthwise convs (their kernel cannot saturate) unless told otherwise.
         dw = 127 if reduce and not getattr(q, "reduce_range_depthwise", True) and hasattr(qmod, "merge_depthwise_weights") else None
+        calib = q.calibration_method if q.calibration_method == "percentile" else "minmax"
         if q.engine == "inc":
             # INC's own reduce_range also narrows activations to 127 levels; quantize.py undoes that.
             narrow = reduce and not hasattr(qmod, "_inc_full_range_activations")
-            return cls("inc", 127 if narrow else 255, half, bool(per_channel), "wrap", clip_bound_lost=narrow, depthwise_half_levels=dw)
-        return cls(q.engine, 255, half, bool(per_channel), "clip", depthwise_half_levels=dw)
+            return cls(
+                "inc", 127 if narrow else 255, half, bool(per_channel), "wrap", clip_bound_lost=narrow, depthwise_half_levels=dw,
+                calibration=calib,
+            )
+        return cls(q.engine, 255, half, bool(per_channel), "clip", depthwise_half_levels=dw, calibration=calib)
 
     def weight_levels(self, node: "QNode") -> int:
         return self.depthwise_half_levels if node.depthwise and self.depthwise_half_levels else self.weight_half_levels
@@ -297,6 +302,8 @@ class TensorStats:
     hi: float
     ch_lo: np.ndarray | None
     ch_hi: np.ndarray | None
+    p_lo: float | None = None  # the engine's percentile range, when measured
+    p_hi: float | None = None
 
     def update(self, x: np.ndarray) -> None:
         self.lo = min(self.lo, float(np.min(x))) if x.size else self.lo
@@ -339,10 +346,16 @@ def _fixed_batch(model: onnx.ModelProto, input_name: str) -> int | None:
     return None
 
 
+PERCENTILE = 99.999  # both engines' default
+PERCENTILE_BINS = 2048
+
+
 def activation_stats(
-    model: onnx.ModelProto, images: np.ndarray, tensors: Iterable[str], *, input_name: str, batch: int = 16, progress: Progress | None = None
+    model: onnx.ModelProto, images: np.ndarray, tensors: Iterable[str], *, input_name: str, batch: int = 16,
+    percentile: str | None = None, progress: Progress | None = None,
 ) -> dict[str, TensorStats]:
-    """Min/max of ``tensors`` (overall and per channel) over ``images``, in one pass."""
+    """Min/max of ``tensors`` (overall and per channel) over ``images``; with ``percentile`` ("inc" or "ort")
+    also the engine's 99.999-percentile range, from a second pass that fills one fixed-range histogram per tensor."""
     progress = progress or NULL_PROGRESS
     names = list(dict.fromkeys(tensors))
     probe = onnx.ModelProto()
@@ -360,7 +373,59 @@ def activation_stats(
             for n, v in zip(names, outs):
                 stats[n].update(np.asarray(v, dtype=np.float32))
             t.advance(len(x))
+    if percentile is None:
+        return stats
+    # One histogram over every value of the calibration set, as INC builds it (np.histogram of all the
+    # data at once over [-max|x|, max|x|]); a fixed range makes per-batch histograms add up to it exactly.
+    # onnxruntime histograms |x| over [0, max|x|] instead.
+    hists: dict[str, np.ndarray] = {}
+    edges: dict[str, np.ndarray] = {}
+    for n, st in stats.items():
+        th = max(abs(st.lo), abs(st.hi))
+        lo = -th if percentile == "inc" else 0.0
+        edges[n] = np.histogram_bin_edges(np.zeros(1, np.float32), PERCENTILE_BINS, range=(lo, th) if th > lo else (lo, lo + 1.0))
+        hists[n] = np.zeros(PERCENTILE_BINS, np.int64)
+    with progress.task("measuring percentile ranges", total=len(images), unit="img") as t:
+        for x in _batches(images, step):
+            outs = sess.run(names, {input_name: x})
+            for n, v in zip(names, outs):
+                v = np.asarray(v, dtype=np.float32).reshape(-1)
+                hists[n] += np.histogram(np.abs(v) if percentile == "ort" else v, bins=edges[n])[0]
+            t.advance(len(x))
+    cut = (100.0 - PERCENTILE) / 200.0
+    for n, st in stats.items():
+        hist, e = hists[n], edges[n]
+        cdf = np.cumsum(hist / max(hist.sum(), 1))
+        p_lo = float(e[np.searchsorted(cdf, cut)])
+        p_hi = float(e[min(np.searchsorted(cdf, 1.0 - cut), len(e) - 1)])
+        st.p_lo, st.p_hi = max(p_lo, st.lo), min(p_hi, st.hi)
     return stats
+
+
+def calibrated_range(qn_by_output: dict[str, "QNode"], g: "_Graph", st: TensorStats, scheme: QuantScheme) -> tuple[float, float]:
+    """The range the engine quantizes tensor ``st.name`` with.
+
+    The recipe's estimator (min-max or percentile), widened to include zero, and for
+    the output of a conv with a fused activation INC's rules: Relu starts the range at
+    zero, Clip stretches it to the clip bounds.
+    """
+    lo, hi = (st.p_lo, st.p_hi) if scheme.calibration == "percentile" and st.p_lo is not None else (st.lo, st.hi)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    qn = qn_by_output.get(st.name)
+    if qn is not None and qn.fused:
+        if qn.activation_op == "Relu":
+            lo = max(lo, 0.0)
+        elif qn.activation_op == "Clip":
+            clip = next((n for n in g.consumers.get(qn.raw_output, []) if n.op_type == "Clip"), None)
+            bounds = [b for b in (_clip_bound(clip, g, 1, "min"), _clip_bound(clip, g, 2, "max")) if b is not None] if clip else []
+            if bounds:
+                lo, hi = min([lo, *bounds]), max([hi, *bounds])
+    return lo, hi
+
+
+def calibrated_ranges(nodes: Sequence["QNode"], g: "_Graph", stats: dict[str, TensorStats], scheme: QuantScheme) -> dict[str, tuple[float, float]]:
+    by_output = {qn.output: qn for qn in nodes}
+    return {name: calibrated_range(by_output, g, st, scheme) for name, st in stats.items()}
 
 
 # --- static findings ------------------------------------------------------------------
@@ -395,7 +460,7 @@ def engine_findings(nodes: Sequence[QNode], g: "_Graph", scheme: QuantScheme) ->
             if qn.activation_op != "Clip":
                 continue
             clip = next(n for n in g.consumers.get(qn.raw_output, []) if n.op_type == "Clip")
-            upper = _clip_max(clip, g)
+            upper = _clip_bound(clip, g, 2, "max")
             if upper is not None and math.isfinite(upper):
                 clipped.append(qn.name)
         if clipped:
@@ -411,12 +476,13 @@ def engine_findings(nodes: Sequence[QNode], g: "_Graph", scheme: QuantScheme) ->
     return out
 
 
-def _clip_max(node: onnx.NodeProto, g: "_Graph") -> float | None:
+def _clip_bound(node: onnx.NodeProto, g: "_Graph", index: int, attr: str) -> float | None:
+    """A Clip's min (index 1, attribute "min") or max (index 2, "max") when it is a constant."""
     for a in node.attribute:
-        if a.name == "max":
+        if a.name == attr:
             return float(a.f)
-    if len(node.input) > 2 and node.input[2]:
-        name = node.input[2]
+    if len(node.input) > index and node.input[index]:
+        name = node.input[index]
         if name in g.inits:
             return float(g.array(name).reshape(-1)[0])
         p = g.producer.get(name)
@@ -429,7 +495,7 @@ def _folded_weight(g: _Graph, qn: QNode) -> np.ndarray | None:
     return g.array(qn.weight) if qn.weight and qn.weight in g.inits else None
 
 
-def weight_findings(g: _Graph, nodes: Sequence[QNode], stats: dict[str, TensorStats], scheme: QuantScheme) -> list[Finding]:
+def weight_findings(g: _Graph, nodes: Sequence[QNode], ranges: dict[str, tuple[float, float]], scheme: QuantScheme) -> list[Finding]:
     """Dead channels, int32 bias overflow, per-channel weight ranges far apart."""
     out: list[Finding] = []
     for qn in nodes:
@@ -462,9 +528,8 @@ def weight_findings(g: _Graph, nodes: Sequence[QNode], stats: dict[str, TensorSt
                         channels=[int(c) for c in big[:32]], value=ratio,
                     )
                 )
-        if qn.bias and qn.bias in g.inits and qn.activations and qn.activations[0] in stats:
-            st = stats[qn.activations[0]]
-            sx, _ = activation_qparams(st.lo, st.hi, scheme.activation_levels)
+        if qn.bias and qn.bias in g.inits and qn.activations and qn.activations[0] in ranges:
+            sx, _ = activation_qparams(*ranges[qn.activations[0]], scheme.activation_levels)
             if scheme.per_channel:
                 sw = weight_scales(w, axis, scheme.weight_levels(qn))
             else:
@@ -584,7 +649,7 @@ def _const(inits: list[onnx.TensorProto], name: str, value: np.ndarray) -> str:
 
 
 def build_gated_model(
-    model: onnx.ModelProto, nodes: Sequence[QNode], stats: dict[str, TensorStats], scheme: QuantScheme
+    model: onnx.ModelProto, nodes: Sequence[QNode], ranges: dict[str, tuple[float, float]], scheme: QuantScheme
 ) -> onnx.ModelProto:
     """The model with one fake-quantization switch per node, driven by the input ``qpipe_gates`` [len(nodes)]."""
     gm = onnx.ModelProto()
@@ -627,8 +692,7 @@ def build_gated_model(
     ) -> None:
         # ``tensor``: the fp32 model's name for the value, whose range was measured;
         # ``quantize_src``: what the int8 kernel actually quantizes, when not ``src``.
-        st = stats[tensor]
-        scale, zp = activation_qparams(st.lo, st.hi, scheme.activation_levels)
+        scale, zp = activation_qparams(*ranges[tensor], scheme.activation_levels)
         s = _const(inits, f"{tag}_s", np.array(scale, dtype=np.float32))
         z = _const(inits, f"{tag}_z", np.array(zp, dtype=np.uint8))
         then_nodes = [
@@ -656,9 +720,8 @@ def build_gated_model(
                 fq_act(t, dst, t, gname, f"qpipe_n{qn.index}_a{k}", pre, mine)
                 node.input[k] = dst
         sx = None
-        if qn.activations and qn.activations[0] in stats:
-            st = stats[qn.activations[0]]
-            sx, _ = activation_qparams(st.lo, st.hi, scheme.activation_levels)
+        if qn.activations and qn.activations[0] in ranges:
+            sx, _ = activation_qparams(*ranges[qn.activations[0]], scheme.activation_levels)
         if qn.weight is not None and qn.weight in g.inits:
             w = g.array(qn.weight).astype(np.float32)
             axis = qn.weight_axis if scheme.per_channel else None
@@ -944,7 +1007,7 @@ def _spread(cuts: list[tuple[int, str]], length: int, pieces: int) -> list[tuple
 def simulate(
     model: onnx.ModelProto,
     nodes: list[QNode],
-    stats: dict[str, TensorStats],
+    ranges: dict[str, tuple[float, float]],
     scheme: QuantScheme,
     images: np.ndarray,
     *,
@@ -954,7 +1017,7 @@ def simulate(
     pieces: int = 8,
 ) -> SimulatedModel:
     """The gated copy of ``model`` (see :func:`build_gated_model`), ready to answer error questions on ``images``."""
-    gm = build_gated_model(model, nodes, stats, scheme)
+    gm = build_gated_model(model, nodes, ranges, scheme)
     return SimulatedModel(model, gm, nodes, images, input_name=input_name, output_name=output_name, batch=batch, pieces=pieces)
 
 
@@ -1056,7 +1119,7 @@ def markdown(res: DiagnoseResult) -> str:
         f"- simulated engine: {s['engine']}, {'per-channel' if s['per_channel'] else 'per-tensor'} int8 weights "
         f"(+-{s['weight_half_levels']} levels"
         + (f", depthwise +-{s['depthwise_half_levels']}" if s.get("depthwise_half_levels") else "")
-        + f"), uint8 activations ({s['activation_levels']} levels), min-max ranges",
+        + f"), uint8 activations ({s['activation_levels']} levels), {s.get('calibration', 'minmax')} ranges",
         f"- ranges from {res.range_samples} calibration faces; sensitivity on {res.samples}",
         f"- {res.quantizable} quantizable nodes; embedding error with all of them int8 (simulated): {res.error_all:.2e}",
         f"- suspects: {', '.join(f'`{c}`' for c in res.culprits) or 'none'}",
@@ -1104,6 +1167,7 @@ class Analysis:
     view: onnx.ModelProto
     nodes: list[QNode]
     stats: dict[str, TensorStats]
+    ranges: dict[str, tuple[float, float]]  # what the engine quantizes each tensor with
     scheme: QuantScheme
     images: np.ndarray
     input_name: str
@@ -1114,7 +1178,7 @@ class Analysis:
     def simulator(self, samples: int) -> SimulatedModel:
         if samples not in self._sims:
             self._sims[samples] = simulate(
-                self.view, self.nodes, self.stats, self.scheme, self.images[:samples], input_name=self.input_name, output_name=self.output_name
+                self.view, self.nodes, self.ranges, self.scheme, self.images[:samples], input_name=self.input_name, output_name=self.output_name
             )
         return self._sims[samples]
 
@@ -1132,10 +1196,12 @@ def analyse(
     if not nodes:
         raise UserError("the model has no node the engines quantize (Conv, Gemm, MatMul, Add/Mul of two activations)")
     tensors = [t for qn in nodes for t in (*qn.activations, qn.output)]
-    stats = activation_stats(view, images, tensors, input_name=input_name, progress=progress)
+    percentile = scheme.engine if scheme.calibration == "percentile" else None
+    stats = activation_stats(view, images, tensors, input_name=input_name, percentile=percentile, progress=progress)
     g = _Graph.of(view)
-    findings = weight_findings(g, nodes, stats, scheme) + activation_findings(nodes, stats, scheme) + engine_findings(nodes, g, scheme)
-    return Analysis(view, nodes, stats, scheme, images, input_name, output_name, findings)
+    ranges = calibrated_ranges(nodes, g, stats, scheme)
+    findings = weight_findings(g, nodes, ranges, scheme) + activation_findings(nodes, stats, scheme) + engine_findings(nodes, g, scheme)
+    return Analysis(view, nodes, stats, ranges, scheme, images, input_name, output_name, findings)
 
 
 def int8_node_name(name: str, fp32_names: set[str]) -> str:

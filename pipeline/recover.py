@@ -1,10 +1,10 @@
 """Accuracy recovery: when int8 misses the target, repair the cause, then fall back nodes to fp32.
 
 The order follows the cost to the user. First the int8 model the recipe asks
-for is measured on an evaluation subset (whole folds of the verification
-pairs, the insightface protocol). If it misses the target the model is
-diagnosed (:mod:`pipeline.diagnose`) and root causes are repaired where the
-function stays the same and the engine allows:
+for is scored on an evaluation subset (whole folds of the verification pairs,
+the insightface protocol). If it misses the target the model is diagnosed
+(:mod:`pipeline.diagnose`) and root causes are repaired where the function
+stays the same and the engine allows:
 
 * **cross-layer equalisation** (Nagel et al., *Data-Free Quantization*, 2019):
   where an activation's uint8 range is set by a few outlier channels and the
@@ -17,19 +17,21 @@ function stays the same and the engine allows:
 * **near-dead channels**: output channels whose weights are so small that the
   int32 bias overflows at scale ``x_scale * w_scale`` are zeroed exactly, so the
   engine gives them its placeholder scale and keeps their bias;
-* **per-channel weights** when per-channel weight ranges differ by orders of
-  magnitude and the recipe asked for one scale per tensor;
-* **percentile calibration** when outlier ranges remain that no linear pair can
-  absorb.
+* engine settings, kept only if they add accuracy: **per-channel weights** when
+  per-channel weight ranges differ by orders of magnitude under one scale per
+  tensor, **8-bit activations** when INC's reduce_range loses Clip bounds, and
+  **percentile calibration** when outlier ranges remain that no pair absorbs.
 
 Every rewrite is checked: the repaired fp32 model must give the same
-embeddings as the original (cosine >= ``convert.min_cosine`` on the
-calibration faces). Then, if still needed, the nodes the diagnosis ranks most
-sensitive go back to fp32 one at a time (``quantization.nodes_to_exclude``),
-re-checking on the evaluation subset, and recovery stops at the first model
-within the target (or at ``max_fp32_nodes``). The result names what was
-repaired, which nodes stayed fp32, the accuracy of each attempt and the
-latency cost, and the recipe changes that reproduce it.
+embeddings as the original (cosine >= ``convert.min_cosine`` on calibration
+faces). Then, if still needed, nodes go back to fp32 greedily
+(``quantization.nodes_to_exclude``), steered by the diagnosis's simulation
+(see :func:`_fallback`). A candidate that meets the target on the subset is
+re-checked on the pairs the verify gate uses (``recovery.confirm``): a
+1,200-pair subset cannot certify a 0.1-point target on its own. Recovery stops
+at the first candidate within the target; the result names what was repaired,
+which nodes stayed fp32, each attempt's accuracy, the latency cost, and the
+recipe keys that reproduce the int8 model.
 """
 
 from __future__ import annotations
@@ -241,17 +243,30 @@ class Evaluator:
         self.fp32_confirm = (
             metrics.evaluate(self.fp32_emb[0::2], self.fp32_emb[1::2], pairs_bin.issame[:n], folds=folds) if self.confirm_pairs else None
         )
+        self._last: tuple[Path, np.ndarray] | None = None  # the last subset embeddings, for a confirmation
+
+
+    def _embed(self, model: Path, start: int, stop: int) -> np.ndarray:
+        from pipeline.verify import embed_pairs
+
+        view = self.bin if start == 0 else _PairsFrom(self.bin, start)
+        return embed_pairs(
+            model, view, input_spec=self.spec, flip=self.flip, batch=self.batch, pairs=stop - start, threads=self.threads,
+            progress=self.progress,
+        )
 
     def score(self, model: Path, *, confirm: bool = False) -> dict[str, Any]:
         """Accuracy, drop and embedding cosine to fp32 on the subset (or, with ``confirm``, the gate's set)."""
         from pipeline import metrics
-        from pipeline.verify import embed_pairs
 
         n = self.confirm_pairs if confirm and self.confirm_pairs else self.pairs
         ref = self.fp32_confirm if confirm and self.confirm_pairs else self.fp32
-        emb = embed_pairs(
-            model, self.bin, input_spec=self.spec, flip=self.flip, batch=self.batch, pairs=n, threads=self.threads, progress=self.progress
-        )
+        if confirm and self._last is not None and self._last[0] == model:
+            # The subset is the gate set's first folds: only the rest is embedded again.
+            emb = np.concatenate([self._last[1], self._embed(model, self.pairs, n)])
+        else:
+            emb = self._embed(model, 0, n)
+        self._last = (model, emb[: 2 * self.pairs]) if not confirm else None
         m = metrics.evaluate(emb[0::2], emb[1::2], self.bin.issame[:n], folds=self.folds)
         cos = np.sum(emb * self.fp32_emb[: 2 * n], axis=1)  # both L2-normalised
         cos = np.where(np.isfinite(cos), cos, -1.0)
@@ -263,6 +278,20 @@ class Evaluator:
             "cosine_mean": float(np.mean(cos)),
             "cosine_min": float(np.min(cos)),
         }
+
+
+class _PairsFrom:
+    """The pairs of a verification set from pair ``start`` on, for :func:`pipeline.verify.embed_pairs` (no cache)."""
+
+    def __init__(self, pairs_bin: Any, start: int) -> None:
+        self._bin = pairs_bin
+        self._offset = 2 * start
+        self.num_pairs = pairs_bin.num_pairs - start
+        self.num_images = 2 * self.num_pairs
+        self.path = pairs_bin.path
+
+    def decode_many(self, idx: Sequence[int]) -> np.ndarray:
+        return self._bin.decode_many([int(i) + self._offset for i in idx])
 
 
 # --- results ------------------------------------------------------------------------------
@@ -327,6 +356,7 @@ class RecoverResult:
     quantize: "QuantizeResult"
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
     report_json: Path | None = None
     report_md: Path | None = None
 
@@ -353,6 +383,7 @@ class RecoverResult:
             "repaired_model": str(self.repaired_model) if self.repaired_model else None,
             "quantize": {k: v for k, v in self.quantize.to_dict().items() if k != "recovery"},
             "seconds": round(self.seconds, 3),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "warnings": list(self.warnings),
             "report_json": str(self.report_json) if self.report_json else None,
             "report_md": str(self.report_md) if self.report_md else None,
@@ -391,7 +422,12 @@ def markdown(res: RecoverResult) -> str:
         f"({res.eval_pairs} of {res.total_pairs} pairs, whole folds, insightface protocol)",
         f"- fp32 accuracy on the subset: {res.fp32_accuracy:.2f}",
         f"- result: {'within target' if res.within_target else 'target NOT reached (best attempt kept)'}: "
-        f"int8 {res.final.accuracy:.2f} (drop {res.final.drop:+.2f}), written to `{res.output}`",
+        f"int8 {res.final.accuracy:.2f} (drop {res.final.drop:+.2f}) on the subset"
+        + (
+            f", {res.final.confirm_accuracy:.2f} (drop {res.final.confirm_drop:+.2f}) on the gate's {res.final.confirm_pairs} pairs"
+            if res.final.confirm_drop is not None else ""
+        )
+        + f"; written to `{res.output}`",
         f"- left in fp32: {', '.join(f'`{n}`' for n in res.nodes_fp32) or 'none'}",
         "",
         "## Repairs",
@@ -424,7 +460,11 @@ def markdown(res: RecoverResult) -> str:
         if s.get("note"):
             out.append(f"- {s['note']}")
     if res.recipe_changes:
-        out += ["", "## Recipe keys of the result", "", "```json", json.dumps(res.recipe_changes, indent=2), "```"]
+        on = f"the repaired fp32 model `{res.repaired_model}`" if res.repaired_model else "your fp32 model"
+        out += ["", "## Recipe keys of the result", "", f"Quantizing {on} with these settings gives this int8 model:", "",
+                "```json", json.dumps(res.recipe_changes, indent=2), "```"]
+    if res.timings:
+        out += ["", "## Time", "", f"{res.seconds:.0f} s in all: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in res.timings.items())]
     if res.diagnosis:
         out += ["", "## Diagnosis of the recipe's int8", ""]
         out += [f"- suspects: {', '.join(f'`{c}`' for c in res.diagnosis.get('culprits', []))}"]
@@ -617,6 +657,7 @@ class _Recovery:
         self.repair_sets: list[list[Repair]] = []  # repairs each attempt carries
         self.warnings: list[str] = []
         self.diagnosis: dict[str, Any] | None = None
+        self.timings: dict[str, float] = {}  # seconds per phase (attempts carry their own)
         self._images: np.ndarray | None = None
 
     @property
@@ -690,6 +731,7 @@ class _Recovery:
     # -- steps --
     def diagnose(self) -> tuple[D.Analysis, list[D.Finding]]:
         """Findings and sensitivity of the recipe's int8, written as diagnose.json/.md."""
+        t0 = time.perf_counter()
         an = self.analyse(self.s.source, self.s.q0)
         findings = list(an.findings)
         fp32_names = {n.name for n in self.s.source.graph.node}
@@ -703,8 +745,10 @@ class _Recovery:
             fp32=self.s.model, int8=self.paths[0], scheme=an.scheme.to_dict(), samples=len(sim.images), range_samples=len(self.images),
             quantizable=len(an.nodes), error_all=err_all, sensitivity=rows, findings=findings, seconds=0.0,
         )
+        res.seconds = time.perf_counter() - t0
         D.write_report(res, self.s.report_dir)
         self.diagnosis = {k: v for k, v in res.to_dict().items() if k not in ("fp32", "int8")}
+        self.timings["diagnosis"] = res.seconds
         return an, findings
 
     def repair(self, an: D.Analysis, findings: list[D.Finding]) -> tuple[int, D.Analysis]:
@@ -763,9 +807,12 @@ class _Recovery:
                 f"kept the best ({final.label}: drop {final.drop:+.2f})"
             )
         same_kernels = final_q.nodes_to_exclude == self.settings[0][1].nodes_to_exclude
+        t_speed = time.perf_counter()
         speed = _speed(
             s.model, self.paths[0], self.paths[chosen], s.spec, s.verify, s.threads, self.evaluator.bin, s.progress, same_kernels=same_kernels
         )
+        self.timings["speed"] = time.perf_counter() - t_speed
+        self.timings["attempts"] = sum(a.seconds for a in self.attempts)
         changes: dict[str, Any] = {}
         for key in ("nodes_to_exclude", "per_channel", "reduce_range", "calibration_method"):
             if getattr(final_q, key) != getattr(quantization, key):
@@ -778,8 +825,10 @@ class _Recovery:
             fp32_accuracy=self.evaluator.fp32.accuracy, within_target=final.within_target, attempts=self.attempts, final=final,
             repairs=self.repair_sets[chosen], nodes_fp32=list(final_q.nodes_to_exclude), recipe_changes=changes,
             diagnosis=self.diagnosis, speed=speed, repaired_model=s.repaired_path if keep_repaired else None,
-            quantize=self.results[chosen], seconds=time.perf_counter() - t0, warnings=self.warnings,
+            quantize=self.results[chosen], seconds=time.perf_counter() - t0, warnings=self.warnings, timings=dict(self.timings),
         )
+        res.report_json = s.report_dir / "recovery.json"
+        res.report_md = s.report_dir / "recovery.md"
         section = _manifest_section(res)
         res.quantize = dataclasses.replace(self.results[chosen], output=s.out, manifest=s.out.parent / MANIFEST_NAME, recovery=section)
         cand_manifest = self.paths[chosen].parent / MANIFEST_NAME
@@ -787,8 +836,6 @@ class _Recovery:
         manifest.setdefault("files", {}).setdefault("int8", {})["path"] = str(s.out)
         manifest["recovery"] = section
         atomic_write_json(s.out.parent / MANIFEST_NAME, manifest)
-        res.report_json = s.report_dir / "recovery.json"
-        res.report_md = s.report_dir / "recovery.md"
         atomic_write_json(res.report_json, res.to_dict())
         atomic_write_text(res.report_md, markdown(res))
         return res
@@ -870,11 +917,13 @@ def recover(
     try:
         pairs = subset_pairs(ev_source.num_pairs, rec.eval_pairs, vs.folds)
         confirm = (vs.pairs or ev_source.num_pairs) if rec.confirm else None
+        t_fp32 = time.perf_counter()
         evaluator = Evaluator(
             model, ev_source, input_spec, pairs=pairs, confirm_pairs=confirm, folds=vs.folds, flip=vs.flip, batch=vs.batch,
             threads=setup.threads, cache_dir=Path(cache_dir) if cache_dir is not None else None, progress=progress,
         )
         r = _Recovery(setup, evaluator)
+        r.timings["fp32_embeddings"] = time.perf_counter() - t_fp32
         if first is not None:
             # Keep the recipe's int8 and its manifest aside: a candidate may replace them at ``out``.
             kept = setup.work / "baseline"
@@ -952,6 +1001,7 @@ def _fallback(
         trial[list(unit)] = 0.0
         return err_base - sim.error_of(trial, base=base)
 
+    t_rank = time.perf_counter()
     with progress.task("ranking fp32 fallback candidates", total=n, unit="nodes") as t:
         single = {}
         for k in range(n):
@@ -961,6 +1011,7 @@ def _fallback(
     pool = [u[0] for u, _ in sorted(single.items(), key=lambda x: -x[1])[:pool_size]]
     gains = {u: single.get(u) if len(u) == 1 else gain(u) for u in _units(an, pool) if all(base[k] == 1.0 for k in u)}
     order = [u for u, g in sorted(gains.items(), key=lambda x: (-x[1] / len(x[0]), len(x[0]))) if g is not None and g > 0]
+    r.timings["fallback_ranking"] = time.perf_counter() - t_rank
 
     gates = base.copy()
     checked_err, checked_drop = err_base, max(_drop(r.attempts[start]), 1e-6)
@@ -1039,4 +1090,16 @@ def _manifest_section(res: RecoverResult) -> dict[str, Any]:
         "speed": res.speed,
         "repaired_model": {"path": str(res.repaired_model), "sha256": sha256_file(res.repaired_model)} if res.repaired_model else None,
         "culprits": (res.diagnosis or {}).get("culprits", []),
+        "summary": res.summary(),
+        "report": str(res.report_md) if res.report_md else None,
     }
+
+
+def summary_lines(section: dict[str, Any] | None) -> list[str]:
+    """What ``qpipe quantize`` prints about recovery, from ``QuantizeResult.recovery``."""
+    if not section:
+        return []
+    lines = list(section.get("summary") or [])
+    if section.get("report"):
+        lines.append(f"recovery report: {section['report']}")
+    return lines

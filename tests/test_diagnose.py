@@ -86,8 +86,11 @@ def test_scheme_follows_the_quantize_stage_conventions():
     assert (inc.per_channel, inc.bias_overflow, inc.clip_bound_lost) == (True, "wrap", False)
     every = D.QuantScheme.from_section(QuantizationSection(engine="inc", reduce_range=True, reduce_range_depthwise=True))
     assert every.depthwise_half_levels is None
-    ort = D.QuantScheme.from_section(QuantizationSection(engine="ort", reduce_range=False))
+    ort = D.QuantScheme.from_section(QuantizationSection(engine="ort", reduce_range=False, per_channel=None, calibration_method="minmax"))
     assert (ort.activation_levels, ort.weight_half_levels, ort.per_channel, ort.bias_overflow) == (255, 127, False, "clip")
+    assert ort.calibration == "minmax"
+    assert D.QuantScheme.from_section(QuantizationSection(calibration_method="percentile")).calibration == "percentile"
+    assert D.QuantScheme.from_section(QuantizationSection(calibration_method="entropy")).calibration == "minmax"
     dw = D.QNode("dw", "Conv", ["x"], "w", 0, None, "y", depthwise=True)
     assert inc.weight_levels(dw) == 127 and every.weight_levels(dw) == 64
 
@@ -102,7 +105,7 @@ def _analysis(images: np.ndarray, **planted) -> D.Analysis:
 
 def test_gated_model_with_every_switch_off_is_exactly_the_fp32_model(images: np.ndarray):
     an = _analysis(images)
-    gated = D.build_gated_model(an.view, an.nodes, an.stats, an.scheme)
+    gated = D.build_gated_model(an.view, an.nodes, an.ranges, an.scheme)
     # Same optimisation level on both sides: fused kernels would differ in the last float bit.
     plain = D._session(an.view, basic=True).run(["fc1"], {"data": images})[0]
     off = D._session(gated, basic=True).run(["fc1"], {"data": images, D.GATES: np.zeros(len(an.nodes), np.float32)})[0]

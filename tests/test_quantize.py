@@ -412,3 +412,45 @@ def test_environment_facts_and_peak_memory() -> None:
     del block
     assert mem.peak_mb >= before + 50 and mem.seconds > 0
     assert process_peak_rss_mb() >= mem.peak_mb * 0.9
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+def test_inc_histogram_calibration_refuses_to_run_out_of_memory(
+    material: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psutil
+
+    from pipeline.quantize import activation_bytes_per_image
+
+    per_image = activation_bytes_per_image(onnx.load(str(material["model"])))
+    assert 10_000 < per_image < 1_000_000  # the synthetic model's activations at 32x32
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=per_image * 4))
+    with pytest.raises(UserError, match="percentile calibration keeps every activation.*engine: ort"):
+        _run(material, tmp_path / "int8.onnx", _recipe(**{"quantization.calibration_method": "percentile"}))
+    assert not (tmp_path / "int8.onnx").exists()
+    # minmax keeps only running ranges: no such limit.
+    _run(material, tmp_path / "int8.onnx", _recipe(**{"quantization.calibration_method": "minmax"}))
+
+
+def test_ort_histogram_calibration_reads_the_batches_in_slices(material: dict[str, Path]) -> None:
+    from pipeline.data import CalibrationData
+    from pipeline.quantize import _calibration_stride
+
+    mb = 1 << 20
+    assert _calibration_stride(200, 40 * mb) == 25  # 1 GiB / 40 MiB = 25 batches, which divides 200
+    assert _calibration_stride(200, 100 * mb) == 10 and _calibration_stride(7, mb) == 7 and _calibration_stride(17, 100 * mb) == 1
+    assert _calibration_stride(200, 2 << 30) == 1
+    cd = CalibrationData(read_bin(material["bin"]), _recipe().model.input, samples=6, seed=0, batch_size=2, flip=True)
+    whole = list(cd.arrays())
+    assert len(whole) == len(cd) == 6
+    reader = cd.ort_reader("data")
+    sliced = []
+    for start in range(0, len(reader), 3):
+        reader.set_range(start, start + 3)
+        sliced += list(iter(reader.get_next, None))
+    assert len(sliced) == 6
+    for a, b in zip(whole, sliced):
+        np.testing.assert_array_equal(a, b["data"])
