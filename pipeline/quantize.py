@@ -476,6 +476,120 @@ def _inc_full_range_activations() -> Iterator[None]:
         ONNXRTAugment.__init__ = original  # type: ignore[method-assign]
 
 
+class _PresetHistogram:
+    """Stands in for INC's HistogramCollector once the histogram is already built."""
+
+    def __init__(self, histogram: tuple[Any, ...]) -> None:
+        self.histogram = histogram
+
+    def collect_data(self, datas: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _inc_streamed_histograms() -> Iterator[None]:
+    """INC's percentile and kl calibration in bounded memory, with the same ranges.
+
+    INC 3.7 keeps every calibrated activation of every calibration batch until
+    the end and then builds one histogram per tensor (about 14 GiB for 200
+    faces through LResNet100E-IR). Here the calibration set is read twice
+    instead: the first pass finds each tensor's range (and does INC's min-max
+    tensors as INC does), the second fills histograms over that fixed range,
+    which add up bin for bin to the histogram of all the data at once. Where
+    the batches differ in shape, INC merges them one by one, and so does this,
+    in the same order. INC's calibrator then picks the range from that histogram.
+    """
+    import onnxruntime
+    from neural_compressor.adaptor.ox_utils.calibration import ONNXRTAugment
+    from neural_compressor.adaptor.ox_utils.calibrator import CALIBRATOR, HistogramCollector
+    from neural_compressor.model.onnx_model import ONNXModel
+
+    original = ONNXRTAugment.get_activation_tensors_calib_range
+
+    def calib_range(self: Any, q_config: Any = None) -> dict[str, list[list[Any]]]:
+        if q_config is None or self.layer_wise or self.model_wrapper.is_large_model:
+            return original(self, q_config)
+        so = onnxruntime.SessionOptions()
+        so.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        backend = self.backend if self.backend != "TensorrtExecutionProvider" else "CUDAExecutionProvider"
+        session = onnxruntime.InferenceSession(self.augmented_model.SerializeToString(), so, providers=[backend])
+        input_names = [i.name for i in session.get_inputs()]
+        outputs = [o.name if o.name not in self.dequantized_output else self.dequantized_output[o.name] for o in session.get_outputs()]
+        wrapper = ONNXModel(self.augmented_model, load_external_data=False)
+        node_of = {}
+        for name in outputs:
+            node = wrapper.output_name_to_node.get(name) or (wrapper.input_name_to_nodes.get(name) or [None])[0]
+            assert node, f"{name} is neither an input nor an output of nodes in augmented model."
+            node_of[name] = node.name
+
+        def method(name: str) -> str:
+            cfg = q_config.get(node_of[name])
+            return cfg["activation"]["algorithm"] if cfg and cfg not in ("fp32", "fp16", "bf16") and "activation" in cfg else "minmax"
+
+        def feeds() -> Iterator[dict[str, np.ndarray]]:
+            # The batches INC's own loop would use, fed as it feeds them.
+            for idx, (inputs, _labels) in enumerate(self.dataloader):
+                if self.iterations:
+                    if idx > max(self.iterations):
+                        break
+                    if idx not in self.iterations:
+                        continue
+                if isinstance(inputs, dict):
+                    yield {k: np.asarray(v) for k, v in inputs.items()}
+                elif len(input_names) == 1:
+                    yield {input_names[0]: np.asarray(inputs)}
+                else:
+                    yield dict(zip(input_names, [np.asarray(i) for i in inputs]))
+
+        self._dataloder_for_next_split_model = []  # (sic) INC's name; only layer-wise calibration fills it
+        ranges: dict[str, list[list[Any]]] = {}
+        minmax: dict[str, Any] = {}
+        seen: dict[str, list[Any]] = {}  # histogram tensors: [min, max, shapes]
+        for feed in feeds():
+            for name, out in zip(outputs, session.run(None, feed)):
+                if out.size == 0:
+                    continue
+                if method(name) == "minmax":
+                    cal = minmax.setdefault(name, CALIBRATOR["minmax"]())
+                    cal.collect(out)
+                    ranges[name] = [list(cal.calib_range)]
+                else:
+                    lo, hi = np.min(out), np.max(out)
+                    st = seen.setdefault(name, [lo, hi, set()])
+                    st[0], st[1] = min(st[0], lo), max(st[1], hi)
+                    st[2].add(out.shape)
+        if not seen:
+            return ranges
+        cals = {name: CALIBRATOR[method(name)]() for name in seen}
+        hists: dict[str, Any] = {}
+        for feed in feeds():
+            for name, out in zip(outputs, session.run(None, feed)):
+                if name not in seen or out.size == 0:
+                    continue
+                lo, hi, shapes = seen[name]
+                if len(shapes) == 1:
+                    th = max(abs(lo), abs(hi))
+                    h, edges = np.histogram(out.reshape(-1), cals[name].num_bins, range=(-th, th))
+                    if name in hists:
+                        hists[name][0] += h
+                    else:
+                        hists[name] = [h, edges, lo, hi, th]
+                else:
+                    hists.setdefault(name, HistogramCollector(cals[name].num_bins))._collect_value(out)
+        for name, cal in cals.items():
+            h = hists[name]
+            cal.collector = _PresetHistogram(h.histogram if isinstance(h, HistogramCollector) else tuple(h))
+            cal.collect(None)
+            ranges.setdefault(name, []).append(list(cal.calib_range))
+        return ranges
+
+    ONNXRTAugment.get_activation_tensors_calib_range = calib_range  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ONNXRTAugment.get_activation_tensors_calib_range = original  # type: ignore[method-assign]
+
+
 @contextlib.contextmanager
 def _signals_survive_inc() -> Iterator[None]:
     """Re-raise Ctrl-C / SIGTERM after INC's fit(), which swallows KeyboardInterrupt.
@@ -509,10 +623,11 @@ def _signals_survive_inc() -> Iterator[None]:
 def activation_bytes_per_image(model: onnx.ModelProto) -> int:
     """Bytes of the float activations one image produces (batch 1), BatchNormalization outputs left out.
 
-    An estimate of what INC's histogram calibrators (percentile, kl) hold per
-    calibration image: they keep every calibrated tensor of every image until
-    the end (onnxruntime's are fed a slice at a time instead). BatchNormalization
-    is folded into its Conv before calibration, so its outputs do not count.
+    An estimate of what a histogram calibrator (percentile, kl) would hold per
+    calibration image if it kept every calibrated tensor until the end, as
+    INC's own does (qpipe streams INC's, see :func:`_inc_streamed_histograms`,
+    and feeds onnxruntime's a slice at a time). BatchNormalization is folded
+    into its Conv before calibration, so its outputs do not count.
     """
     from onnx import shape_inference
 
@@ -538,23 +653,6 @@ def activation_bytes_per_image(model: onnx.ModelProto) -> int:
     return total
 
 
-def _check_inc_histogram_memory(model_path: Path, q: "QuantizationSection", num_samples: int) -> None:
-    import psutil
-
-    if q.calibration_method == "minmax":
-        return
-    per_image = activation_bytes_per_image(_load_model(model_path, "fp32 model"))
-    need = per_image * num_samples
-    available = psutil.virtual_memory().available
-    if need > 0.7 * available:
-        raise UserError(
-            f"INC's {q.calibration_method} calibration keeps every activation of every calibration image: about "
-            f"{need / 2**30:.1f} GiB for {num_samples} images of {model_path.name}, with {available / 2**30:.1f} GiB available",
-            hint="use quantization.engine: ort (it calibrates a slice at a time), calibration_method: minmax, "
-            "or fewer calibration.samples",
-        )
-
-
 def _quantize_inc(
     model_path: Path,
     facts: _ModelFacts,
@@ -576,7 +674,6 @@ def _quantize_inc(
         raise UserError(
             f"Intel Neural Compressor is not importable ({e})", hint="install neural-compressor<=3.7.1 or use quantization.engine: ort"
         ) from None
-    _check_inc_histogram_memory(model_path, q, data.num_samples)
     with _quiet_libraries("neural_compressor") as cap:
         conf = _inc_config(q, facts, data.num_samples, reduce_range)
         eval_func = None
@@ -595,8 +692,9 @@ def _quantize_inc(
         saved_workspace = options.workspace
         options.workspace = str(work / "nc_workspace")
         try:
-            with _inc_full_range_activations(), _signals_survive_inc(), progress.task(
-                f"calibrating (inc{label})", total=data.num_samples, unit="img"
+            passes = 1 if q.calibration_method == "minmax" else 2  # see _inc_streamed_histograms
+            with _inc_full_range_activations(), _inc_streamed_histograms(), _signals_survive_inc(), progress.task(
+                f"calibrating (inc{label}{', 2 passes' if passes == 2 else ''})", total=passes * data.num_samples, unit="img"
             ) as t:
                 qmodel = inc_quantization.fit(
                     str(model_path), conf, calib_dataloader=_CountingLoader(data, t), eval_func=eval_func

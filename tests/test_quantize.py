@@ -417,22 +417,62 @@ def test_environment_facts_and_peak_memory() -> None:
 # --- memory ---------------------------------------------------------------------------------------
 
 
-def test_inc_histogram_calibration_refuses_to_run_out_of_memory(
-    material: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("method, batch", [("percentile", 1), ("percentile", 3), ("entropy", 1)])
+def test_inc_histogram_calibration_streams_and_gives_inc_own_ranges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, batch: int
 ) -> None:
-    import psutil
+    """INC keeps every activation of every image for percentile/kl; qpipe reads the data twice instead.
 
-    from pipeline.quantize import activation_bytes_per_image
+    Same int8 bytes as INC's own calibration (batch 3 over 40 images ends in a
+    smaller batch: INC's one-by-one histogram merge), with a memory peak that
+    does not grow with the number of calibration images.
+    """
+    import contextlib
+    import tracemalloc
 
-    per_image = activation_bytes_per_image(onnx.load(str(material["model"])))
-    assert 10_000 < per_image < 1_000_000  # the synthetic model's activations at 32x32
-    real = psutil.virtual_memory()
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=per_image * 4))
-    with pytest.raises(UserError, match="percentile calibration keeps every activation.*engine: ort"):
-        _run(material, tmp_path / "int8.onnx", _recipe(**{"quantization.calibration_method": "percentile"}))
-    assert not (tmp_path / "int8.onnx").exists()
-    # minmax keeps only running ranges: no such limit.
-    _run(material, tmp_path / "int8.onnx", _recipe(**{"quantization.calibration_method": "minmax"}))
+    from neural_compressor.adaptor.ox_utils.calibration import ONNXRTAugment
+
+    import pipeline.quantize as Q
+
+    model = tmp_path / "fp32.onnx"
+    face_model(model, size=tuple(SIZE))
+    calib = synthetic_bin(tmp_path / "calib.bin", pairs=20, size=tuple(SIZE))
+    r = _recipe(**{"quantization.calibration_method": method, "calibration.samples": 40, "calibration.batch": batch})
+    streamed_cm = Q._inc_streamed_histograms
+    peaks: dict[str, int] = {}
+
+    def measured(label: str, streamed: bool):
+        @contextlib.contextmanager
+        def cm():
+            with (streamed_cm() if streamed else contextlib.nullcontext()):
+                inner = ONNXRTAugment.get_activation_tensors_calib_range
+
+                def wrapper(self, q_config=None):
+                    tracemalloc.start()
+                    try:
+                        return inner(self, q_config)
+                    finally:
+                        peaks[label] = tracemalloc.get_traced_memory()[1]
+                        tracemalloc.stop()
+
+                monkeypatch.setattr(ONNXRTAugment, "get_activation_tensors_calib_range", wrapper)
+                try:
+                    yield
+                finally:
+                    monkeypatch.setattr(ONNXRTAugment, "get_activation_tensors_calib_range", inner)
+
+        return cm
+
+    outs = {}
+    for label, streamed in (("inc", False), ("qpipe", True)):
+        monkeypatch.setattr(Q, "_inc_streamed_histograms", measured(label, streamed))
+        outs[label] = tmp_path / label / "int8.onnx"
+        quantize(model, calib, outs[label], input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r)
+    assert outs["inc"].read_bytes() == outs["qpipe"].read_bytes()
+    per_image = Q.activation_bytes_per_image(onnx.load(str(model)))
+    if batch == 1:
+        assert peaks["inc"] > 20 * per_image, peaks  # INC held (most of) the 40 images' activations
+    assert peaks["qpipe"] < 8 * batch * per_image, peaks  # qpipe: a few batches at a time
 
 
 def test_ort_histogram_calibration_reads_the_batches_in_slices(material: dict[str, Path]) -> None:
