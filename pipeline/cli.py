@@ -212,6 +212,7 @@ def quantize(
 ) -> None:
     """Post-training static int8 quantization (Intel Neural Compressor or onnxruntime), driven by the recipe."""
     from pipeline.quantize import quantize as run_quantize
+    from pipeline.recover import summary_lines as recovery_summary
 
     if model is None or calib is None:
         raise UserError("quantize needs --model (the converted fp32 model) and --calib (a .bin or image folder)")
@@ -240,6 +241,7 @@ def quantize(
     lines.append(f"calibration: {res.calibration['samples']} images (seed {res.calibration['seed']}) from {res.calibration['source']}")
     lines.append(f"manifest: {res.manifest}")
     lines += [f"warning: {w}" for w in res.warnings]
+    lines += recovery_summary(res.recovery)
     _emit(res, json_out, lines)
 
 

@@ -237,6 +237,13 @@ def test_cli_quantize_recover_replaces_the_int8_model_and_reports(tmp_path: Path
     assert json.loads((out.parent / "recovery.json").read_text())["within_target"] is True
     lines = R.summary_lines(data["recovery"])
     assert lines[0].startswith("recovery on 200 of 200 pairs") and lines[-1].endswith("recovery.md")
+    # Printed after the quantize summary.
+    r = CliRunner().invoke(app, args[:-1] + ["--recover"])
+    assert r.exit_code == 0, r.output
+    printed = r.stdout.splitlines()
+    # (a second run: the same lines but for the measured speed)
+    assert [x.split(":")[0] for x in printed[-len(lines):]] == [x.split(":")[0] for x in lines]
+    assert printed[-len(lines)] == lines[0] and any(x.startswith("repaired: equalize") for x in printed)
     # Without --recover the recipe's int8 is left as it is.
     plain = tmp_path / "p" / "int8.onnx"
     r = CliRunner().invoke(app, ["quantize", "--recipe", str(recipe), "--model", str(model), "--calib", str(pairs_bin), "--out", str(plain), "-q", "--json"])
@@ -265,7 +272,9 @@ def test_recover_needs_verification_pairs(tmp_path: Path):
 @pytest.mark.slow
 @pytest.mark.skipif(
     not __import__("os").environ.get("QPIPE_TWIN"),
-    reason="issue 8 (open): real-twin recovery on all 6,000 pairs not yet confirmed; opt in with QPIPE_TWIN=1",
+    # About 9 minutes here (the fp32 and int8 embeddings of all 6,000 pairs, twice): over the default suite's
+    # 10-minute budget on its own. The synthetic recovery cases above run by default; README gives this run's figures.
+    reason="the real failing twin, end to end on all 6,000 LFW pairs (about 9 min): opt in with QPIPE_TWIN=1",
 )
 def test_mobilefacenet_twin_is_recovered_within_0_1_points_on_all_lfw_pairs(tmp_path: Path, shared_model: Path, shared_lfw: Path):
     from pipeline.convert import convert
