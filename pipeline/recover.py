@@ -742,7 +742,7 @@ class _Recovery:
         rows, err_all = D.sensitivity(sim, both=False, progress=self.s.progress)
         self.attempts[0].simulated_error = err_all
         res = D.DiagnoseResult(
-            fp32=self.s.model, int8=self.paths[0], scheme=an.scheme.to_dict(), samples=len(sim.images), range_samples=len(self.images),
+            fp32=self.s.model, int8=None, scheme=an.scheme.to_dict(), samples=len(sim.images), range_samples=len(self.images),
             quantizable=len(an.nodes), error_all=err_all, sensitivity=rows, findings=findings, seconds=0.0,
         )
         res.seconds = time.perf_counter() - t0
