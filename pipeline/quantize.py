@@ -42,6 +42,7 @@ The default holds for calibration seeds 0 and 1 alike.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import hashlib
 import io
@@ -370,6 +371,10 @@ class _CountingLoader:
     def __len__(self) -> int:
         return len(self.data)
 
+    def reused(self, images: int) -> None:
+        """The calibration ranges came from an earlier run on the same data (see _shared_calibration)."""
+        self._task.update(completed=images)
+
 
 _INC_FORMATS = {"QOperator": "default", "QDQ": "QDQ"}
 _INC_ALGORITHMS = {"minmax": "minmax", "entropy": "kl", "percentile": "percentile"}
@@ -486,6 +491,22 @@ class _PresetHistogram:
         pass
 
 
+# Activation ranges INC's calibration found, by (augmented model, methods, batches), while
+# _shared_calibration is active: the 8-bit and 7-bit runs of one quantize calibrate the same graph
+# on the same data, and only the weights differ between them.
+_CALIB_MEMO: dict[tuple[Any, ...], tuple[dict[str, list[list[Any]]], int]] | None = None
+
+
+@contextlib.contextmanager
+def _shared_calibration() -> Iterator[None]:
+    global _CALIB_MEMO
+    _CALIB_MEMO = {}
+    try:
+        yield
+    finally:
+        _CALIB_MEMO = None
+
+
 @contextlib.contextmanager
 def _inc_streamed_histograms() -> Iterator[None]:
     """INC's percentile and kl calibration in bounded memory, with the same ranges.
@@ -526,8 +547,11 @@ def _inc_streamed_histograms() -> Iterator[None]:
             cfg = q_config.get(node_of[name])
             return cfg["activation"]["algorithm"] if cfg and cfg not in ("fp32", "fp16", "bf16") and "activation" in cfg else "minmax"
 
+        fed = 0  # images read, for a progress bar when the ranges are reused
+
         def feeds() -> Iterator[dict[str, np.ndarray]]:
             # The batches INC's own loop would use, fed as it feeds them.
+            nonlocal fed
             for idx, (inputs, _labels) in enumerate(self.dataloader):
                 if self.iterations:
                     if idx > max(self.iterations):
@@ -535,13 +559,23 @@ def _inc_streamed_histograms() -> Iterator[None]:
                     if idx not in self.iterations:
                         continue
                 if isinstance(inputs, dict):
-                    yield {k: np.asarray(v) for k, v in inputs.items()}
+                    feed = {k: np.asarray(v) for k, v in inputs.items()}
                 elif len(input_names) == 1:
-                    yield {input_names[0]: np.asarray(inputs)}
+                    feed = {input_names[0]: np.asarray(inputs)}
                 else:
-                    yield dict(zip(input_names, [np.asarray(i) for i in inputs]))
+                    feed = dict(zip(input_names, [np.asarray(i) for i in inputs]))
+                fed += len(next(iter(feed.values())))
+                yield feed
 
         self._dataloder_for_next_split_model = []  # (sic) INC's name; only layer-wise calibration fills it
+        key = None
+        if _CALIB_MEMO is not None:
+            digest = hashlib.sha256(self.augmented_model.SerializeToString()).hexdigest()
+            key = (digest, tuple(method(n) for n in outputs), tuple(self.iterations))
+            if key in _CALIB_MEMO:
+                ranges, images = _CALIB_MEMO[key]
+                getattr(self.dataloader, "reused", lambda n: None)(images)
+                return copy.deepcopy(ranges)
         ranges: dict[str, list[list[Any]]] = {}
         minmax: dict[str, Any] = {}
         seen: dict[str, list[Any]] = {}  # histogram tensors: [min, max, shapes]
@@ -559,7 +593,7 @@ def _inc_streamed_histograms() -> Iterator[None]:
                     st[0], st[1] = min(st[0], lo), max(st[1], hi)
                     st[2].add(out.shape)
         if not seen:
-            return ranges
+            return _remember(key, ranges, fed)
         cals = {name: CALIBRATOR[method(name)]() for name in seen}
         hists: dict[str, Any] = {}
         for feed in feeds():
@@ -581,6 +615,11 @@ def _inc_streamed_histograms() -> Iterator[None]:
             cal.collector = _PresetHistogram(h.histogram if isinstance(h, HistogramCollector) else tuple(h))
             cal.collect(None)
             ranges.setdefault(name, []).append(list(cal.calib_range))
+        return _remember(key, ranges, fed)
+
+    def _remember(key: tuple[Any, ...] | None, ranges: dict[str, list[list[Any]]], images: int) -> dict[str, list[list[Any]]]:
+        if key is not None and _CALIB_MEMO is not None:
+            _CALIB_MEMO[key] = (copy.deepcopy(ranges), images)
         return ranges
 
     ONNXRTAugment.get_activation_tensors_calib_range = calib_range  # type: ignore[method-assign]
@@ -1057,8 +1096,9 @@ def quantize(
             if split:
                 # The 8-bit run only donates depthwise weights: no tuning there.
                 q_full = q.model_copy(update={"tuning": q.tuning.model_copy(update={"enabled": False})})
-                full = engine(model_path, facts, data, q_full, reduce_range=False, label=", 8-bit weights", **common)
-                run = engine(model_path, facts, data, q, reduce_range=True, label=", 7-bit weights", **common)
+                with _shared_calibration():
+                    full = engine(model_path, facts, data, q_full, reduce_range=False, label=", 8-bit weights", **common)
+                    run = engine(model_path, facts, data, q, reduce_range=True, label=", 7-bit weights", **common)
                 weights["depthwise_8bit"] = merge_depthwise_weights(run.model, full.model)
                 warnings += [w for w in full.warnings if w not in run.warnings]
                 del full

@@ -494,3 +494,23 @@ def test_ort_histogram_calibration_reads_the_batches_in_slices(material: dict[st
     assert len(sliced) == 6
     for a, b in zip(whole, sliced):
         np.testing.assert_array_equal(a, b["data"])
+
+
+def test_the_8_bit_and_7_bit_runs_share_one_calibration(material: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 8-bit depthwise weights INC runs twice; the second run reuses the first one's ranges (same bytes)."""
+    import contextlib
+
+    import pipeline.quantize as Q
+
+    reads = []
+    iterate = Q._CountingLoader.__iter__
+    monkeypatch.setattr(Q._CountingLoader, "__iter__", lambda self: (reads.append(1), iterate(self))[1])
+    r = _recipe(**{"quantization.calibration_method": "percentile", "quantization.reduce_range": True})
+    shared = _run(material, tmp_path / "shared" / "int8.onnx", r)
+    assert shared.weights["depthwise_8bit"] > 0  # two engine runs
+    assert len(reads) == 2  # the two passes of one streamed calibration
+    reads.clear()
+    monkeypatch.setattr(Q, "_shared_calibration", contextlib.nullcontext)
+    alone = _run(material, tmp_path / "alone" / "int8.onnx", r)
+    assert len(reads) == 4
+    assert shared.output.read_bytes() == alone.output.read_bytes()
