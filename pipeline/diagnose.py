@@ -52,6 +52,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_write_json, atomic_write_text, require_file
+from pipeline.onnxutil import graph_links
 from pipeline.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:
@@ -202,13 +203,7 @@ class _Graph:
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> "_Graph":
-        producer: dict[str, onnx.NodeProto] = {}
-        consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in model.graph.node:
-            for o in n.output:
-                producer[o] = n
-            for i in n.input:
-                consumers.setdefault(i, []).append(n)
+        producer, consumers = graph_links(model)
         return cls(model, {t.name: t for t in model.graph.initializer}, producer, consumers, {o.name for o in model.graph.output})
 
     def is_constant(self, name: str) -> bool:

@@ -41,6 +41,18 @@ def model_opset(model: onnx.ModelProto) -> int:
     raise UserError("the model declares no default-domain (ai.onnx) opset")
 
 
+def graph_links(model: onnx.ModelProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """The node producing each tensor, and the nodes reading it (in graph order)."""
+    producer: dict[str, onnx.NodeProto] = {}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for out in node.output:
+            producer[out] = node
+        for inp in node.input:
+            consumers.setdefault(inp, []).append(node)
+    return producer, consumers
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Real inputs: graph inputs that are not initializers (old exports list both)."""
     inits = {t.name for t in model.graph.initializer}

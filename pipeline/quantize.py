@@ -65,6 +65,7 @@ from pipeline.data import CalibrationData, VerificationBin, open_images, preproc
 from pipeline.envinfo import PeakMemory, environment, physical_cores
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, atomic_write_json, require_file, sha256_bytes, sha256_file
+from pipeline.onnxutil import graph_links
 from pipeline.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:
@@ -137,13 +138,7 @@ def count_ops(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     int8_capable = set(QDQRegistry) | set(QLinearOpsRegistry)
-    producer: dict[str, onnx.NodeProto] = {}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for out in node.output:
-            producer[out] = node
-        for inp in node.input:
-            consumers.setdefault(inp, []).append(node)
+    producer, consumers = graph_links(model)
 
     def requantized(node: onnx.NodeProto) -> bool:
         users = [u for out in node.output for u in consumers.get(out, [])]
