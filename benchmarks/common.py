@@ -32,7 +32,7 @@ DEFAULT_CACHE = ROOT / "artifacts" / "bench-cache"
 
 @dataclass(frozen=True)
 class Variant:
-    """One int8 recipe. ``engine`` inc goes through pipeline.quantize (the shipped path); ort calls
+    """One int8 recipe. ``engine`` inc goes through pipeline.stages.quantize.stage (the shipped path); ort calls
     onnxruntime.quantization directly so options the recipe does not expose (U8U8, op sets) can be tried."""
 
     name: str
@@ -75,13 +75,13 @@ def load_avg() -> str:
 
 def prepare_fp32(model: str, cache: Path, *, depth: int, width: int, opsets: set[int]) -> dict[int, Path]:
     """Converted fp32 models (opset -> path), built once into ``cache``."""
-    from pipeline.convert import convert
+    from pipeline.stages.convert import convert
 
     cache.mkdir(parents=True, exist_ok=True)
     if model == "standin":
         src = cache / f"lresnet{depth}w{width}-opset8.onnx"
         if not src.exists():
-            from pipeline.synth import synth_model
+            from pipeline.stages.synth import synth_model
 
             synth_model(src, depth=depth, width=width)
         stem = f"lresnet{depth}w{width}"
@@ -102,13 +102,13 @@ def _child_quantize(v: Variant, src: str, out: str, calib: str, samples: int) ->
 
     import onnx
 
-    from pipeline.quantize import count_ops
+    from pipeline.stages.quantize.stage import count_ops
 
     logging.disable(logging.WARNING)
     t0 = time.perf_counter()
     if v.engine == "inc":
         from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection
-        from pipeline.quantize import quantize
+        from pipeline.stages.quantize.stage import quantize
 
         quantize(
             src, calib, out,
@@ -128,7 +128,7 @@ def _child_quantize(v: Variant, src: str, out: str, calib: str, samples: int) ->
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        from pipeline.data import CalibrationData, open_images
+        from pipeline.data.bins import CalibrationData, open_images
         from pipeline.recipe import InputSpec
 
         data = CalibrationData(open_images(calib), InputSpec(), samples=samples, input_name="data")
@@ -197,14 +197,14 @@ def interleaved(paths: dict[str, Path], x: np.ndarray, *, rounds: int, runs: int
     Each round runs ``runs`` inferences of every model (its figure is their
     median); the starting model rotates from round to round, so a slow phase of
     the machine lands on all models in turn. Sessions come from
-    pipeline.bench.OnnxModel (no spinning threads, sequential execution), the
-    same sessions verification uses. pipeline.bench.benchmark does this for one
+    pipeline.eval.speed.OnnxModel (no spinning threads, sequential execution), the
+    same sessions verification uses. pipeline.eval.speed.benchmark does this for one
     pair; here fp32 is shared by all variants so they are compared under the
     same load.
     """
     import gc
 
-    from pipeline.bench import OnnxModel
+    from pipeline.eval.speed import OnnxModel
 
     models = {n: OnnxModel(p, threads=threads) for n, p in paths.items()}
     names = list(models)
@@ -236,7 +236,7 @@ def interleaved(paths: dict[str, Path], x: np.ndarray, *, rounds: int, runs: int
 
 def faces(n: int = 16) -> np.ndarray:
     """``n`` preprocessed LFW faces (the timing and cosine inputs); seeded random pixels without ../shared."""
-    from pipeline.data import preprocess, read_bin
+    from pipeline.data.bins import preprocess, read_bin
     from pipeline.recipe import InputSpec
 
     if LFW.exists():
@@ -246,7 +246,7 @@ def faces(n: int = 16) -> np.ndarray:
 
 
 def worst_cosine(fp32: Path, int8: Path, x: np.ndarray) -> float:
-    from pipeline.bench import OnnxModel
+    from pipeline.eval.speed import OnnxModel
 
     a = OnnxModel(fp32, threads=1)
     b = OnnxModel(int8, threads=1)
@@ -263,7 +263,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def cpu_line() -> str:
-    from pipeline import envinfo
+    from pipeline.core import environment as envinfo
 
     cpu = envinfo.cpu_info()
     flags = cpu.get("flags", {})

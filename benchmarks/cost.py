@@ -42,7 +42,7 @@ def _usage() -> dict[str, float]:
 
 
 def _stage_synth(out: str, depth: int, width: int) -> dict[str, Any]:
-    from pipeline.synth import synth_model
+    from pipeline.stages.synth import synth_model
 
     t0 = time.perf_counter()
     synth_model(Path(out), depth=depth, width=width)
@@ -50,7 +50,7 @@ def _stage_synth(out: str, depth: int, width: int) -> dict[str, Any]:
 
 
 def _stage_convert(src: str, dst: str, recipe: str) -> dict[str, Any]:
-    from pipeline.convert import convert
+    from pipeline.stages.convert import convert
     from pipeline.recipe import load_recipe
 
     r = load_recipe(recipe)
@@ -62,7 +62,7 @@ def _stage_convert(src: str, dst: str, recipe: str) -> dict[str, Any]:
 def _stage_quantize(src: str, calib: str, out: str, recipe: str, samples: int | None = None) -> dict[str, Any]:
     import logging
 
-    from pipeline.quantize import quantize
+    from pipeline.stages.quantize.stage import quantize
     from pipeline.recipe import load_recipe
 
     logging.disable(logging.WARNING)
@@ -75,7 +75,7 @@ def _stage_quantize(src: str, calib: str, out: str, recipe: str, samples: int | 
 
 def _stage_verify(fp32: str, int8: str, data: str, recipe: str, pairs: int | None, rounds: int | None) -> dict[str, Any]:
     from pipeline.recipe import load_recipe
-    from pipeline.verify import verify
+    from pipeline.stages.verify import verify
 
     r = load_recipe(recipe)
     vs = r.verify.model_copy(update={k: v for k, v in {"pairs": pairs, "rounds": rounds}.items() if v is not None})
@@ -91,7 +91,7 @@ def _stage_verify(fp32: str, int8: str, data: str, recipe: str, pairs: int | Non
 def _stage_throughput(fp32: str, int8: str, batch: int, rounds: int) -> dict[str, Any]:
     import numpy as np
 
-    from pipeline.bench import OnnxModel
+    from pipeline.eval.speed import OnnxModel
 
     x = np.ascontiguousarray(np.resize(common.faces(batch), (batch, 3, 112, 112)), dtype=np.float32)
     models = {"fp32": OnnxModel(fp32), "int8": OnnxModel(int8)}

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--top", type=int, default=12)
     a = ap.parse_args(argv)
-    from pipeline.envinfo import physical_cores
+    from pipeline.core.environment import physical_cores
 
     threads = a.threads or physical_cores()
     x = common.faces(4)

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     a = ap.parse_args(argv)
 
-    from pipeline.envinfo import physical_cores
+    from pipeline.core.environment import physical_cores
 
     threads = a.threads or physical_cores()
     names = [n.strip() for n in a.variants.split(",") if n.strip()]
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     quality: dict[str, str] = {}
     acc_raw: dict[str, dict] = {}
     if a.lfw_pairs > 0:
-        from pipeline.data import read_bin
-        from pipeline.quantize import pair_accuracy
+        from pipeline.data.bins import read_bin
+        from pipeline.stages.quantize.stage import pair_accuracy
         from pipeline.recipe import InputSpec
 
         b = read_bin(common.LFW)

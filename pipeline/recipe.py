@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml  # PyYAML: the YAML parser, with node marks for line numbers in errors
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, PrivateAttr, field_validator
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 
 class _Section(BaseModel):

@@ -149,7 +149,7 @@ def synthetic_pairs(pairs: int = 20, size: tuple[int, int] = (32, 32), seed: int
 
 def synthetic_bin(path: str | os.PathLike[str], pairs: int = 20, size: tuple[int, int] = (32, 32), seed: int = 0) -> Path:
     """Write an insightface-format ``.bin`` of ``pairs`` synthetic pairs."""
-    from pipeline.data import write_bin
+    from pipeline.data.bins import write_bin
 
     images, issame = synthetic_pairs(pairs, size, seed)
     return write_bin(path, images, issame)

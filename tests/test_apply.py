@@ -1,4 +1,4 @@
-"""embed, compare and pack-bin (pipeline.apply): photos in, embeddings / verdicts / .bin out."""
+"""embed, compare and pack-bin (pipeline.photos.embed): photos in, embeddings / verdicts / .bin out."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.apply import (
+from pipeline.photos.embed import (
     compare,
     cosine_to_distance,
     distance_to_cosine,
@@ -22,11 +22,11 @@ from pipeline.apply import (
     parse_pairs,
     threshold_from_report,
 )
-from pipeline.cli import app
-from pipeline.data import read_bin
-from pipeline.errors import UserError
-from pipeline.fsutil import sha256_file
-from pipeline.metrics import evaluate
+from pipeline.cli.app import app
+from pipeline.data.bins import read_bin
+from pipeline.core.errors import UserError
+from pipeline.core.files import sha256_file
+from pipeline.eval.protocol import evaluate
 from pipeline.recipe import GateSection, InputSpec, VerifySection
 
 SPEC = InputSpec()  # raw RGB 112x112, as the shared MobileFaceNet takes it
@@ -254,9 +254,9 @@ def test_packed_bin_verifies_within_one_point_of_the_same_pairs_in_lfw_bin(views
 
 
 def test_compare_with_a_verify_report_says_what_verify_predicts(packed, views, shared_raw, shared_model, tmp_path):
-    from pipeline.data import write_bin
-    from pipeline.face import default_detector
-    from pipeline.verify import verify
+    from pipeline.data.bins import write_bin
+    from pipeline.photos.detect import default_detector
+    from pipeline.stages.verify import verify
 
     # A real verify report on 20 of the packed pairs (10 same, 10 different, interleaved so every fold
     # has both); the shared model stands in for both fp32 and int8.

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import bench, envinfo
-from pipeline.errors import UserError
+from pipeline.eval import speed as bench
+from pipeline.core import environment as envinfo
+from pipeline.core.errors import UserError
 from tests.synthdata import face_model
 
 

@@ -11,13 +11,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-import pipeline.convert as convert_mod
-from pipeline import onnxutil
-from pipeline.cli import app
-from pipeline.convert import convert
-from pipeline.errors import UserError
+import pipeline.stages.convert as convert_mod
+from pipeline.runtime import graph as onnxutil
+from pipeline.cli.app import app
+from pipeline.stages.convert import convert
+from pipeline.core.errors import UserError
 from pipeline.recipe import InputSpec
-from pipeline.synth import synth_model
+from pipeline.stages.synth import synth_model
 from tests.synthdata import synthetic_bin
 
 SMALL = InputSpec(size=[16, 16])
@@ -407,7 +407,7 @@ def test_converted_real_model_goes_through_inc_static_quantization(real_converte
     from neural_compressor import PostTrainingQuantConfig
     from neural_compressor.quantization import fit
 
-    from pipeline.data import preprocess, read_bin
+    from pipeline.data.bins import preprocess, read_bin
 
     monkeypatch.chdir(tmp_path)  # INC writes nc_workspace/ into the working directory
     faces = preprocess(read_bin(shared_lfw).decode_many(range(0, 16, 2)), InputSpec())

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.data import (
+from pipeline.data.bins import (
     CalibrationData,
     ImageFolder,
     VerificationBin,
@@ -21,7 +21,7 @@ from pipeline.data import (
     read_bin,
     write_bin,
 )
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from pipeline.recipe import InputSpec
 from tests.synthdata import face_images, malicious_pickle, python2_bin_pickle, synthetic_bin, synthetic_pairs
 

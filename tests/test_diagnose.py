@@ -12,9 +12,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from pipeline import diagnose as D
-from pipeline.cli import app
-from pipeline.errors import UserError
+from pipeline.accuracy import diagnose as D
+from pipeline.cli.app import app
+from pipeline.core.errors import UserError
 from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection
 from tests.synthdata import synthetic_bin
 from tests.twin import DEAD_CHANNEL, NEAR_DEAD_CHANNEL, OUTLIER_CHANNELS, SIZE, planted_model
@@ -183,7 +183,7 @@ def test_a_lost_clip_bound_is_a_finding_only_where_the_engine_loses_it(images: n
 
 def test_simulated_error_matches_inc_int8_model(tmp_path: Path, pairs_bin: Path, images: np.ndarray):
     """The gated simulation reproduces INC's real int8 arithmetic, including the lost Clip bound."""
-    from pipeline.quantize import quantize
+    from pipeline.stages.quantize.stage import quantize
     from pipeline.recipe import default_recipe, with_overrides
 
     fp32 = tmp_path / "relu6.onnx"

@@ -18,9 +18,9 @@ from typing import Iterator
 import pytest
 import requests
 
-from pipeline import download as dl
-from pipeline.download import download, fetch, match_member
-from pipeline.errors import UserError
+from pipeline.stages import download as dl
+from pipeline.stages.download import download, fetch, match_member
+from pipeline.core.errors import UserError
 from pipeline.recipe import Source, parse_recipe
 from httpserver import Behaviour, FileServer  # tests/ is on sys.path (rootdir conftest), with or without `python -m`
 
@@ -504,7 +504,7 @@ def test_real_model_by_file_url_is_verified_and_cached(shared_model, tmp_path, n
 def test_cli_download_exit_0_then_2_on_hash_mismatch(serve, tmp_path, model_bytes, lfw_bytes):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.cli.app import app
 
     s = serve()
     recipe = tmp_path / "r.yaml"

@@ -1,4 +1,4 @@
-"""MTCNN detection and five-point alignment (pipeline.face)."""
+"""MTCNN detection and five-point alignment (pipeline.photos.detect)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.errors import UserError
-from pipeline.face import (
+from pipeline.core.errors import UserError
+from pipeline.photos.detect import (
     ARCFACE_TEMPLATE,
     MTCNN,
     NoFaceError,
@@ -141,7 +141,7 @@ def test_unreadable_image_is_a_user_error_naming_the_file(tmp_path):
 
 
 def test_unknown_selection_is_a_user_error():
-    from pipeline.face import Face
+    from pipeline.photos.detect import Face
 
     f = Face(box=(0, 0, 10, 10), score=1.0, landmarks=np.zeros((5, 2), np.float32))
     with pytest.raises(UserError, match="unknown face selection 'biggest'"):

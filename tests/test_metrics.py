@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import metrics
+from pipeline.eval import protocol as metrics
 
 # --- a hand-computed case -----------------------------------------------------
 #

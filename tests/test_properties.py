@@ -1,6 +1,6 @@
 """Property-based checks of the two parsers that read files users get from elsewhere.
 
-- :func:`pipeline.data.read_bin` on arbitrary bytes, on valid ``.bin`` pickles
+- :func:`pipeline.data.bins.read_bin` on arbitrary bytes, on valid ``.bin`` pickles
   mutated byte by byte (flips, cuts, insertions, spliced opcodes), and on
   pickles of arbitrary nested structures that look almost like a ``.bin``;
 - :func:`pipeline.recipe.load_recipe` on arbitrary and YAML-shaped text, and
@@ -8,7 +8,7 @@
   on arbitrary nested data.
 
 The property in every case: the call returns a valid result or raises
-:class:`~pipeline.errors.UserError`; any other exception type (the CLI would
+:class:`~pipeline.core.errors.UserError`; any other exception type (the CLI would
 print a traceback) fails the test. Each test is bounded by ``max_examples``;
 the file runs in well under 30 s.
 """
@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.data import VerificationBin, read_bin
-from pipeline.errors import UserError
+from pipeline.data.bins import VerificationBin, read_bin
+from pipeline.core.errors import UserError
 from pipeline.recipe import Recipe, default_recipe, load_recipe, parse_recipe, with_overrides
 from tests.synthdata import face_images, python2_bin_pickle
 

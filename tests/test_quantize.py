@@ -13,11 +13,11 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.data import calibration_indices, indices_sha256, preprocess, read_bin
-from pipeline.errors import UserError
-from pipeline.fsutil import sha256_file
-from pipeline.quantize import count_ops, pair_accuracy, quantize
+from pipeline.cli.app import app
+from pipeline.data.bins import calibration_indices, indices_sha256, preprocess, read_bin
+from pipeline.core.errors import UserError
+from pipeline.core.files import sha256_file
+from pipeline.stages.quantize.stage import count_ops, pair_accuracy, quantize
 from pipeline.recipe import Recipe, default_recipe, with_overrides
 from tests.synthdata import face_model, malicious_pickle, synthetic_bin
 
@@ -107,7 +107,7 @@ def test_excluded_nodes_and_op_types_stay_fp32(material: dict[str, Path], tmp_pa
 
 _SUBPROCESS = """
 import sys
-from pipeline.quantize import quantize
+from pipeline.stages.quantize.stage import quantize
 from pipeline.recipe import default_recipe, with_overrides
 r = with_overrides(default_recipe(), {"model.input.size": [32, 32], "calibration.samples": 8, "quantization.engine": sys.argv[4]})
 res = quantize(sys.argv[1], sys.argv[2], sys.argv[3], input_spec=r.model.input, calibration=r.calibration,
@@ -236,7 +236,7 @@ def test_recipe_errors_reach_quantize_as_user_errors(material: dict[str, Path], 
 
 
 def test_a_failing_engine_leaves_no_output_and_no_scratch(material: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import quantize as qmod
+    from pipeline.stages.quantize import stage as qmod
 
     def boom(*args: object, **kwargs: object):
         (kwargs["work"] / "partial.onnx").write_bytes(b"half")
@@ -334,7 +334,7 @@ def test_cli_missing_model_exits_2(material: dict[str, Path], tmp_path: Path) ->
 
 
 def test_real_mobilefacenet_int8_stays_within_0_3_points_on_lfw_subset(shared_model: Path, shared_lfw: Path, tmp_path: Path) -> None:
-    from pipeline.convert import convert
+    from pipeline.stages.convert import convert
 
     converted = tmp_path / "mobilefacenet-opset11.onnx"
     convert(shared_model, converted, opset=11, dynamic_batch=True)
@@ -394,7 +394,7 @@ def test_reduce_range_gives_7_bit_weights_except_depthwise_and_full_range_activa
 
 
 def test_environment_facts_and_peak_memory() -> None:
-    from pipeline.envinfo import PeakMemory, cpu_info, environment, process_peak_rss_mb
+    from pipeline.core.environment import PeakMemory, cpu_info, environment, process_peak_rss_mb
 
     env = environment()
     assert env["versions"]["python"].count(".") == 2
@@ -432,7 +432,7 @@ def test_inc_histogram_calibration_streams_and_gives_inc_own_ranges(
 
     from neural_compressor.adaptor.ox_utils.calibration import ONNXRTAugment
 
-    import pipeline.quantize as Q
+    import pipeline.stages.quantize.stage as Q
 
     model = tmp_path / "fp32.onnx"
     face_model(model, size=tuple(SIZE))
@@ -476,8 +476,8 @@ def test_inc_histogram_calibration_streams_and_gives_inc_own_ranges(
 
 
 def test_ort_histogram_calibration_reads_the_batches_in_slices(material: dict[str, Path]) -> None:
-    from pipeline.data import CalibrationData
-    from pipeline.quantize import _calibration_stride
+    from pipeline.data.bins import CalibrationData
+    from pipeline.stages.quantize.stage import _calibration_stride
 
     mb = 1 << 20
     assert _calibration_stride(200, 40 * mb) == 25  # 1 GiB / 40 MiB = 25 batches, which divides 200
@@ -500,7 +500,7 @@ def test_the_8_bit_and_7_bit_runs_share_one_calibration(material: dict[str, Path
     """With 8-bit depthwise weights INC runs twice; the second run reuses the first one's ranges (same bytes)."""
     import contextlib
 
-    import pipeline.quantize as Q
+    import pipeline.stages.quantize.stage as Q
 
     reads = []
     iterate = Q._CountingLoader.__iter__

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.errors import UserError
+from pipeline.cli.app import app
+from pipeline.core.errors import UserError
 from pipeline.recipe import load_recipe, parse_recipe, schema_markdown, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,10 +12,10 @@ import pytest
 from onnx import helper
 from typer.testing import CliRunner
 
-from pipeline import diagnose as D
-from pipeline import recover as R
-from pipeline.cli import app
-from pipeline.errors import UserError
+from pipeline.accuracy import diagnose as D
+from pipeline.accuracy import recover as R
+from pipeline.cli.app import app
+from pipeline.core.errors import UserError
 from pipeline.recipe import default_recipe, with_overrides
 from tests.synthdata import synthetic_bin
 from tests.twin import NEAR_DEAD_CHANNEL, OUTLIER_CHANNELS, SIZE, make_twin, planted_model
@@ -134,7 +134,7 @@ def test_repairs_follow_the_findings_and_never_change_the_function():
 
 
 def test_confirmation_on_the_gate_pairs_reuses_the_subset_and_equals_a_fresh_evaluation(tmp_path: Path, pairs_bin: Path):
-    from pipeline.data import read_bin
+    from pipeline.data.bins import read_bin
     from pipeline.recipe import InputSpec
 
     fp32 = tmp_path / "clean.onnx"
@@ -277,11 +277,11 @@ def test_recover_needs_verification_pairs(tmp_path: Path):
     reason="the real failing twin, end to end on all 6,000 LFW pairs (about 9 min): opt in with QPIPE_TWIN=1",
 )
 def test_mobilefacenet_twin_is_recovered_within_0_1_points_on_all_lfw_pairs(tmp_path: Path, shared_model: Path, shared_lfw: Path):
-    from pipeline.convert import convert
+    from pipeline.stages.convert import convert
     from pipeline.recipe import InputSpec
-    from pipeline.verify import embed_pairs
-    from pipeline import metrics
-    from pipeline.data import read_bin
+    from pipeline.stages.verify import embed_pairs
+    from pipeline.eval import protocol as metrics
+    from pipeline.data.bins import read_bin
 
     twin8 = tmp_path / "twin8.onnx"
     planted = make_twin(shared_model, twin8)

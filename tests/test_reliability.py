@@ -10,7 +10,7 @@ disk; SIGINT/SIGTERM in the middle of download, quantize and verify; two
 ``qpipe run`` on the same directory.
 
 Most cases run in-process (typer's CliRunner); the signal and locking cases run
-``python -m pipeline.cli`` in a subprocess and wait until it is demonstrably in
+``python -m pipeline.cli.app`` in a subprocess and wait until it is demonstrably in
 the middle of its work (a temporary file exists, or its progress bar has moved)
 before sending the signal. Every wait is bounded.
 """
@@ -42,9 +42,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from pipeline import download as download_mod
-from pipeline.cli import app
-from pipeline.fsutil import sha256_file
+from pipeline.stages import download as download_mod
+from pipeline.cli.app import app
+from pipeline.core.files import sha256_file
 from tests.httpserver import Behaviour, FileServer
 from tests.synthdata import face_model, malicious_pickle, synthetic_bin, synthetic_pairs
 
@@ -91,7 +91,7 @@ def mat(tmp_path_factory) -> SimpleNamespace:
     """Tiny synthetic models and data: a 32x32 face model (opset 8 and 11), its int8, a .bin, a recipe."""
     import cv2
 
-    from pipeline.quantize import quantize
+    from pipeline.stages.quantize.stage import quantize
     from pipeline.recipe import load_recipe, with_overrides
 
     d = tmp_path_factory.mktemp("material")
@@ -574,7 +574,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class Running:
-    """``python -m pipeline.cli ARGS`` in a subprocess, its output collected as it arrives.
+    """``python -m pipeline.cli.app ARGS`` in a subprocess, its output collected as it arrives.
 
     With ``bars`` rich is told it writes to an interactive terminal, so progress bars
     (and their counts) reach the pipe while the work runs.
@@ -585,7 +585,7 @@ class Running:
         if bars:
             env.update(TTY_COMPATIBLE="1", TTY_INTERACTIVE="1", NO_COLOR="1", COLUMNS="120")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", *[str(a) for a in args]], cwd=cwd, env=env,
+            [sys.executable, "-m", "pipeline.cli.app", *[str(a) for a in args]], cwd=cwd, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
         )
         self._out, self._err = bytearray(), bytearray()

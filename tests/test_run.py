@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import run as run_mod
-from pipeline.cli import app
-from pipeline.errors import UserError
-from pipeline.fsutil import sha256_file
-from pipeline.manifest import read_manifest, unexplained_differences, verify_manifest
+from pipeline.build import run as run_mod
+from pipeline.cli.app import app
+from pipeline.core.errors import UserError
+from pipeline.core.files import sha256_file
+from pipeline.build.manifest import read_manifest, unexplained_differences, verify_manifest
 from pipeline.recipe import load_recipe, with_overrides
 from tests.synthdata import face_model, synthetic_bin
 
@@ -47,7 +47,7 @@ class Logs:
         self.lines: list[str] = []
 
     def task(self, description, total=None, unit="it"):
-        from pipeline.progress import NULL_PROGRESS
+        from pipeline.core.progress import NULL_PROGRESS
 
         return NULL_PROGRESS.task(description, total, unit)
 
@@ -179,7 +179,7 @@ def test_changed_settings_build_a_new_directory(first, project):
 
 
 def test_interrupted_run_leaves_no_finished_artifact_and_resumes(first, project, monkeypatch):
-    import pipeline.verify
+    import pipeline.stages.verify
 
     shutil.copytree(project / "a" / "downloads", project / "i" / "downloads", symlinks=True)
     recipe = with_overrides(load_recipe(project / "recipe.yaml"), {"verify.rounds": 2})
@@ -187,7 +187,7 @@ def test_interrupted_run_leaves_no_finished_artifact_and_resumes(first, project,
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.verify, "verify", interrupted)
+    monkeypatch.setattr(pipeline.stages.verify, "verify", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(project, "i", recipe)
     name_dir = project / "i" / "artifacts" / "synth-int8"
@@ -300,7 +300,7 @@ def test_reproduce_command_names_the_overrides():
 
 
 def test_model_card_reports_every_data_set_the_subset_and_the_failed_gate():
-    from pipeline.modelcard import render_model_card
+    from pipeline.build.modelcard import render_model_card
 
     metrics = {"accuracy": 99.5, "accuracy_std": 0.3, "threshold_mean": 1.4, "tar_at_far": 97.0, "roc_auc": 0.998}
     worse = {**metrics, "accuracy": 98.9}

@@ -10,9 +10,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from pipeline import onnxutil
-from pipeline.errors import UserError
-from pipeline.synth import UNITS, build_model, synth_model
+from pipeline.runtime import graph as onnxutil
+from pipeline.core.errors import UserError
+from pipeline.stages.synth import UNITS, build_model, synth_model
 
 ZOO_OPS = {"Sub", "Mul", "Conv", "BatchNormalization", "PRelu", "Add", "Dropout", "Flatten", "Gemm"}
 

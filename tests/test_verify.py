@@ -14,11 +14,11 @@ import pytest
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from pipeline import bench
-from pipeline.cli import app
-from pipeline.errors import UserError
+from pipeline.eval import speed as bench
+from pipeline.cli.app import app
+from pipeline.core.errors import UserError
 from pipeline.recipe import GateSection, InputSpec, VerifySection
-from pipeline.verify import cache_key, embed_pairs, embed_pairs_with_info, verify
+from pipeline.stages.verify import cache_key, embed_pairs, embed_pairs_with_info, verify
 from tests.synthdata import face_model, synthetic_bin
 
 SPEC = InputSpec(size=[32, 32])
@@ -58,7 +58,7 @@ def synth(tmp_path_factory):
     face_model(other, seed=1)
     lfw = synthetic_bin(d / "lfw.bin", pairs=60, seed=0)
     cfp = synthetic_bin(d / "cfp_fp.bin", pairs=40, seed=5)
-    from pipeline.data import preprocess, read_bin
+    from pipeline.data.bins import preprocess, read_bin
 
     calib = preprocess(read_bin(cfp).decode_many(np.arange(16)), SPEC)
     int8 = _ort_int8(fp32, d / "int8.onnx", calib)
@@ -186,7 +186,7 @@ def test_int8_accuracy_equals_an_independent_evaluation_of_the_same_file(synth, 
 
 
 def test_embeddings_do_not_depend_on_batching_or_a_fixed_batch(synth, tmp_path):
-    from pipeline.data import read_bin
+    from pipeline.data.bins import read_bin
 
     b = read_bin(synth["lfw"])
     fixed = tmp_path / "fixed.onnx"
@@ -239,7 +239,7 @@ def test_second_verify_reads_fp32_embeddings_from_the_cache_and_only_runs_int8(s
     counter.calls.clear()
     # Another int8 candidate; the benchmark is what still times fp32, so count embedding passes
     # by replacing the benchmark with a stand-in.
-    monkeypatch.setattr("pipeline.verify.benchmark", lambda *a, **k: first.speed)
+    monkeypatch.setattr("pipeline.stages.verify.benchmark", lambda *a, **k: first.speed)
     second = _run(synth, tmp_path, int8=synth["other"])
     assert "fp32.onnx" not in counter.calls  # the fp32 model never ran
     assert counter.calls["other.onnx"] == 60 * 2 * 2  # 120 images, each with its flip
@@ -262,7 +262,7 @@ def test_cache_is_keyed_by_model_data_preprocessing_flip_and_pairs():
 
 
 def test_a_corrupt_cache_file_is_recomputed_not_fatal(synth, tmp_path):
-    from pipeline.data import read_bin
+    from pipeline.data.bins import read_bin
 
     b = read_bin(synth["lfw"])
     e1, info1 = embed_pairs_with_info(synth["fp32"], b, input_spec=SPEC, pairs=10, cache_dir=tmp_path)
@@ -406,8 +406,8 @@ def test_cli_exit_2_on_input_errors(synth, tmp_path):
 
 # --- real faces (../shared) --------------------------------------------------------
 #
-# The converted MobileFaceNet (pipeline.convert, opset 11, dynamic batch) and an int8 of it made
-# here with onnxruntime's quantize_static (independent of pipeline.quantize). fp32 embeddings are
+# The converted MobileFaceNet (pipeline.stages.convert, opset 11, dynamic batch) and an int8 of it made
+# here with onnxruntime's quantize_static (independent of pipeline.stages.quantize.stage). fp32 embeddings are
 # cached in pytest's cache directory, keyed by model and data hash like any verify cache.
 
 REAL_SPEC = InputSpec()
@@ -415,8 +415,8 @@ REAL_SPEC = InputSpec()
 
 @pytest.fixture(scope="session")
 def real(shared_model, shared_lfw, tmp_path_factory, request):
-    from pipeline.convert import convert
-    from pipeline.data import preprocess, read_bin
+    from pipeline.stages.convert import convert
+    from pipeline.data.bins import preprocess, read_bin
 
     d = tmp_path_factory.mktemp("real")
     fp32 = d / "mobilefacenet-opset11.onnx"

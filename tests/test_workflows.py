@@ -13,7 +13,7 @@ import pytest
 import typer
 import yaml
 
-from pipeline.cli import app
+from pipeline.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -93,7 +93,7 @@ def test_python_311_with_pip_caching():
 
 def test_download_cache_is_keyed_by_the_recipe_hashes_computed_in_a_step():
     wf = _load(BUILD)
-    key_step = _step(wf, "build", run="pipeline.run cache-key")
+    key_step = _step(wf, "build", run="pipeline.build.run cache-key")
     cache = _step(wf, "build", uses="actions/cache")
     assert cache["with"]["key"] == "${{ steps.%s.outputs.key }}" % key_step["id"]
     assert "restore-keys" not in cache["with"]  # a different pin must not restore another file
@@ -103,7 +103,7 @@ def test_download_cache_is_keyed_by_the_recipe_hashes_computed_in_a_step():
     from pipeline.recipe import load_recipe
 
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.run", "cache-key", "recipes/int8.yaml"], capture_output=True, text=True, cwd=ROOT, check=True
+        [sys.executable, "-m", "pipeline.build.run", "cache-key", "recipes/int8.yaml"], capture_output=True, text=True, cwd=ROOT, check=True
     ).stdout
     assert out.startswith("key=") and load_recipe(ROOT / "recipes" / "int8.yaml").model.sha256 in out
 
@@ -150,7 +150,7 @@ def test_manifest_is_checked_before_anything_leaves_the_runner():
     check = next(i for i, n in enumerate(names) if "qpipe manifest verify" in n)
     first_upload = next(i for i, n in enumerate(names) if n.startswith("actions/upload-artifact@"))
     assert check < first_upload
-    assert "python3 -m pipeline.manifest dist" in _step(wf, "release", run="pipeline.manifest")["run"]
+    assert "python3 -m pipeline.build.manifest dist" in _step(wf, "release", run="pipeline.build.manifest")["run"]
 
 
 def test_release_only_after_a_passing_build_and_only_on_request():

@@ -1,6 +1,6 @@
 """The verify reports: report.json (machine), report.md (a person), report.png (ROC and latency).
 
-Everything here reads a :class:`~pipeline.verify.VerifyResult`; nothing is
+Everything here reads a :class:`~pipeline.stages.verify.VerifyResult`; nothing is
 measured. All three files are written atomically.
 """
 
@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.fsutil import atomic_path, atomic_write_json, atomic_write_text
+from pipeline.core.files import atomic_path, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from pipeline.verify import VerifyResult
+    from pipeline.stages.verify import VerifyResult
 
 REPORT_FILES = ("report.json", "report.md", "report.png")
 

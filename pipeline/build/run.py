@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_write_json, atomic_write_text, sha256_file
-from pipeline.progress import NULL_PROGRESS, Progress
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write_json, atomic_write_text, sha256_file
+from pipeline.core.progress import NULL_PROGRESS, Progress
 from pipeline.recipe import Recipe, Source
 
 DEFAULT_ROOT = Path("artifacts")
@@ -208,7 +208,7 @@ def _run_stage(
     names of the files that make up its output); those are then moved into
     the artifact directory and the record saved.
     """
-    from pipeline.envinfo import PeakMemory
+    from pipeline.core.environment import PeakMemory
 
     rec = state.reusable(name, key, run_dir)
     if rec is not None:
@@ -415,10 +415,10 @@ def run(
     """
     import yaml
 
-    from pipeline import manifest as mf
-    from pipeline.download import download
-    from pipeline.envinfo import PeakMemory
-    from pipeline.modelcard import render_model_card
+    from pipeline.build import manifest as mf
+    from pipeline.stages.download import download
+    from pipeline.core.environment import PeakMemory
+    from pipeline.build.modelcard import render_model_card
 
     progress = progress or NULL_PROGRESS
     # Absolute, so that recorded paths can be made relative and the manifest does not depend on the cwd.
@@ -505,7 +505,7 @@ def _stage_key(stage: str, **parts: Any) -> str:
 
 
 def _convert_stage(recipe, state, run_dir, model_path, model_sha, data_path, data_sha, progress) -> StageRecord:
-    from pipeline.convert import convert
+    from pipeline.stages.convert import convert
 
     c = recipe.convert
     key = _stage_key("convert", model=model_sha, data=data_sha, settings=_settings(c, recipe.model.input))
@@ -523,7 +523,7 @@ def _convert_stage(recipe, state, run_dir, model_path, model_sha, data_path, dat
 
 
 def _quantize_stage(recipe, state, run_dir, source_model, fp32_sha, data_path, data_sha, progress) -> StageRecord:
-    from pipeline.quantize import quantize
+    from pipeline.stages.quantize.stage import quantize
 
     key = _stage_key(
         "quantize", fp32=fp32_sha, data=data_sha,
@@ -547,7 +547,7 @@ def _quantize_stage(recipe, state, run_dir, source_model, fp32_sha, data_path, d
 
 
 def _verify_stage(recipe, state, run_dir, fp32_sha, int8_sha, data_path, data_sha, embeddings, progress) -> StageRecord:
-    from pipeline.verify import verify
+    from pipeline.stages.verify import verify
 
     key = _stage_key(
         "verify", fp32=fp32_sha, int8=int8_sha, data=data_sha, settings=_settings(recipe.model.input, recipe.verify, recipe.gate)
@@ -570,7 +570,7 @@ def _verify_stage(recipe, state, run_dir, fp32_sha, int8_sha, data_path, data_sh
 
 
 def _manifest_body(recipe, dl, stages, gate, report, command, started, *, run_dir, roots) -> dict[str, Any]:
-    from pipeline import manifest as mf
+    from pipeline.build import manifest as mf
 
     stage_info: dict[str, Any] = {}
     execution: dict[str, Any] = {"stages": {}}
@@ -638,7 +638,7 @@ def _accuracy_summary(report: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.run cache-key RECIPE`` and ``python -m pipeline.run github-outputs RUN_JSON``.
+    """``python -m pipeline.build.run cache-key RECIPE`` and ``python -m pipeline.build.run github-outputs RUN_JSON``.
 
     cache-key prints ``key=...`` (the download cache key); github-outputs
     turns ``qpipe run --json`` output into ``directory=`` and ``artifact=``
@@ -662,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"directory={d}")
             print(f"artifact={data.get('recipe', d.parent.name)}-{d.name}")
         return 0
-    print("usage: python -m pipeline.run cache-key RECIPE | github-outputs RUN_JSON", file=sys.stderr)
+    print("usage: python -m pipeline.build.run cache-key RECIPE | github-outputs RUN_JSON", file=sys.stderr)
     return 2
 
 

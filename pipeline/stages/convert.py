@@ -29,10 +29,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from pipeline import onnxutil
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path
-from pipeline.progress import NULL_PROGRESS, Progress
+from pipeline.runtime import graph as onnxutil
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_path
+from pipeline.core.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:
     from pipeline.recipe import InputSpec
@@ -205,7 +205,7 @@ def _batch_is_symbolic(inp: onnx.ValueInfoProto) -> bool:
 
 
 def _gate_inputs(data: Path | None, spec: "InputSpec", samples: int, seed: int) -> tuple[np.ndarray, str]:
-    from pipeline.data import preprocess, read_bin
+    from pipeline.data.bins import preprocess, read_bin
 
     rng = np.random.default_rng(seed)
     if data is not None:

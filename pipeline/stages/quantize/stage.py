@@ -4,7 +4,7 @@
 ``PostTrainingQuantConfig``; ``engine: ort`` runs onnxruntime's own
 ``quantize_static`` (after its ``quant_pre_process``), so the pipeline keeps
 working without INC's ONNX backend, which later INC releases dropped. Both
-engines read the same :class:`~pipeline.data.CalibrationData`, take their
+engines read the same :class:`~pipeline.data.bins.CalibrationData`, take their
 settings from the recipe's ``quantization`` section, and leave nothing in the
 current directory: their scratch files live in a temporary directory beside
 the output, removed afterwards.
@@ -61,12 +61,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 import onnx
 
-from pipeline.data import CalibrationData, VerificationBin, open_images, preprocess
-from pipeline.envinfo import PeakMemory, environment, physical_cores
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, atomic_write_json, require_file, sha256_bytes, sha256_file
-from pipeline.onnxutil import graph_links
-from pipeline.progress import NULL_PROGRESS, Progress
+from pipeline.data.bins import CalibrationData, VerificationBin, open_images, preprocess
+from pipeline.core.environment import PeakMemory, environment, physical_cores
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_path, atomic_write_json, require_file, sha256_bytes, sha256_file
+from pipeline.runtime.graph import graph_links
+from pipeline.core.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:
     from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection, Recipe
@@ -286,7 +286,7 @@ def pair_accuracy(
     Images are decoded and run chunk by chunk; a model with a fixed batch of 1
     is run one image at a time.
     """
-    from pipeline import metrics
+    from pipeline.eval import protocol as metrics
 
     sess = _session(model)
     inp = sess.get_inputs()[0] if spec.name is None else next(i for i in sess.get_inputs() if i.name == spec.name)
@@ -1175,7 +1175,7 @@ def quantize(
     if q.recovery.enabled:
         # Accuracy recovery starts from this int8 model and may replace it (and its manifest) at ``out``;
         # its own quantizations run with recovery off.
-        from pipeline.recover import recover
+        from pipeline.accuracy.recover import recover
 
         return recover(
             model_path, calib, out, input_spec=input_spec, calibration=calibration, quantization=q, recipe=recipe,

@@ -23,9 +23,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.fsutil import require_file
-from pipeline.progress import NULL_PROGRESS, Progress
+from pipeline.core.errors import UserError
+from pipeline.core.files import require_file
+from pipeline.core.progress import NULL_PROGRESS, Progress
 
 # Throughput is a secondary figure: a few interleaved batch runs per model.
 THROUGHPUT_MIN_ROUNDS = 3
@@ -192,7 +192,7 @@ def benchmark(
     ``throughput_batch`` > 1. ``model_factory`` and ``clock`` are seams for
     tests.
     """
-    from pipeline import envinfo
+    from pipeline.core import environment as envinfo
 
     progress = progress or NULL_PROGRESS
     if rounds < 1 or runs_per_round < 1 or warmup < 0:

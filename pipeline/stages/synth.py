@@ -31,8 +31,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_path
 
 # insightface's fresnet.py: units per stage for each LResNet depth, filters per stage.
 UNITS: dict[int, list[int]] = {18: [2, 2, 2, 2], 50: [3, 4, 14, 3], 100: [3, 13, 30, 3]}

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 _CHUNK = 1 << 20
 

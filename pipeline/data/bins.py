@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_write_bytes, require_file, sha256_file
-from pipeline.progress import NULL_PROGRESS, Progress
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write_bytes, require_file, sha256_file
+from pipeline.core.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:
     from pipeline.recipe import CalibrationSection, InputSpec

@@ -48,9 +48,9 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from pipeline import __version__
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, sha256_file
-from pipeline.progress import NULL_PROGRESS, Progress, TaskHandle
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_path, sha256_file
+from pipeline.core.progress import NULL_PROGRESS, Progress, TaskHandle
 from pipeline.recipe import Recipe, Source
 
 CHUNK = 1 << 20

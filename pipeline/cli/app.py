@@ -17,7 +17,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from pipeline.errors import GateFailed, UserError
+from pipeline.core.errors import GateFailed, UserError
 
 app = typer.Typer(
     name="qpipe",
@@ -83,7 +83,7 @@ def _recipe(path: Path | None, **overrides: Any):
 
 
 def _progress(quiet: bool):
-    from pipeline.progress import RichProgress
+    from pipeline.core.progress import RichProgress
 
     return RichProgress(enabled=not quiet)
 
@@ -114,7 +114,7 @@ def download(
 
     A zip member (data.member) is read by HTTP range requests; a second call is answered from the cache.
     """
-    from pipeline.download import download as run_download
+    from pipeline.stages.download import download as run_download
 
     r = _recipe(recipe)
     # Warnings (unpinned hash, failed mirrors, no range support) reach stderr through progress.log as they happen.
@@ -144,7 +144,7 @@ def convert(
     quiet: QuietOpt = False,
 ) -> None:
     """Convert to a newer opset with onnx.version_converter, repair old exports, and prove equivalence."""
-    from pipeline.convert import convert as run_convert
+    from pipeline.stages.convert import convert as run_convert
 
     r = _recipe(
         recipe,
@@ -186,7 +186,7 @@ def synth_model(
     json_out: JsonOpt = False,
 ) -> None:
     """Build an opset-8 LResNet-IR stand-in with the Zoo ArcFace's op mix and shapes (random weights)."""
-    from pipeline.synth import synth_model as run_synth
+    from pipeline.stages.synth import synth_model as run_synth
 
     res = run_synth(out, depth=depth, spatial0=spatial0, seed=seed)
     _emit(res, json_out, [f"wrote {res.path}: depth {res.depth}, {res.parameters:,} parameters, {res.bytes:,} bytes"])
@@ -211,8 +211,8 @@ def quantize(
     quiet: QuietOpt = False,
 ) -> None:
     """Post-training static int8 quantization (Intel Neural Compressor or onnxruntime), driven by the recipe."""
-    from pipeline.quantize import quantize as run_quantize
-    from pipeline.recover import summary_lines as recovery_summary
+    from pipeline.stages.quantize.stage import quantize as run_quantize
+    from pipeline.accuracy.recover import summary_lines as recovery_summary
 
     if model is None or calib is None:
         raise UserError("quantize needs --model (the converted fp32 model) and --calib (a .bin or image folder)")
@@ -263,8 +263,8 @@ def verify(
     quiet: QuietOpt = False,
 ) -> None:
     """Gate the int8 model on verification accuracy parity with fp32 and on measured speedup (exit 1 on failure)."""
-    from pipeline.report import summary_lines
-    from pipeline.verify import default_data, verify as run_verify
+    from pipeline.stages.report import summary_lines
+    from pipeline.stages.verify import default_data, verify as run_verify
 
     r = _recipe(
         recipe,
@@ -309,8 +309,8 @@ def run(
     quiet: QuietOpt = False,
 ) -> None:
     """Download, convert, quantize and verify into artifacts/<name>/<date>-<hash>/; exit code as verify."""
-    from pipeline.run import reproduce_command
-    from pipeline.run import run as run_build
+    from pipeline.build.run import reproduce_command
+    from pipeline.build.run import run as run_build
 
     overrides = {"gate.max_accuracy_drop": max_accuracy_drop, "gate.min_speedup": min_speedup, "verify.pairs": pairs}
     r = _recipe(recipe, **overrides)
@@ -346,13 +346,13 @@ def diagnose(
     quiet: QuietOpt = False,
 ) -> None:
     """Layer-wise quantization sensitivity and static findings (dead channels, zero scales, outliers)."""
-    from pipeline.diagnose import diagnose as run_diagnose
+    from pipeline.accuracy.diagnose import diagnose as run_diagnose
 
     if fp32 is None:
         raise UserError("diagnose needs --fp32 (the converted fp32 model)")
     r = _recipe(recipe, **{"quantization.recovery.sensitivity_samples": samples})
     if calib is None and recipe is not None:
-        from pipeline.verify import default_data
+        from pipeline.stages.verify import default_data
 
         calib = default_data(r, DEFAULT_CACHE)
     if calib is None:
@@ -375,7 +375,7 @@ def manifest_verify(
     json_out: JsonOpt = False,
 ) -> None:
     """Re-hash every file the manifest lists; exit 1 on any difference, 2 when the manifest is missing or invalid."""
-    from pipeline.manifest import verify_manifest
+    from pipeline.build.manifest import verify_manifest
 
     check = verify_manifest(directory, allow_extra=allow_extra)
     lines = check.problems() + [f"{'OK' if check.ok else 'FAILED'}: {check.checked} files checked in {check.directory}"]
@@ -399,7 +399,7 @@ def embed(
     quiet: QuietOpt = False,
 ) -> None:
     """Detect, align and embed photos; L2-normalised embeddings."""
-    from pipeline.apply import embed as run_embed
+    from pipeline.photos.embed import embed as run_embed
 
     r = _recipe(recipe, **{"verify.flip": flip})
     res = run_embed(images, model=model, input_spec=r.model.input, select=select, flip=r.verify.flip, out=out, progress=_progress(quiet))
@@ -428,7 +428,7 @@ def compare(
     json_out: JsonOpt = False,
 ) -> None:
     """Cosine similarity of two faces and a same/different verdict."""
-    from pipeline.apply import compare as run_compare
+    from pipeline.photos.embed import compare as run_compare
 
     r = _recipe(recipe)
     if flip is None and report is None and recipe is not None:
@@ -458,7 +458,7 @@ def pack_bin(
     quiet: QuietOpt = False,
 ) -> None:
     """Detect, align and pack your own photos into an insightface .bin for quantize --calib and verify --data."""
-    from pipeline.apply import pack_bin as run_pack
+    from pipeline.photos.embed import pack_bin as run_pack
 
     res = run_pack(
         images, out, pairs=pairs, identities=identities, num_pairs=num_pairs, seed=seed, strict=strict, select=select, progress=_progress(quiet)

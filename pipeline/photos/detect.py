@@ -31,7 +31,7 @@ from typing import Literal, Sequence
 import cv2
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 # insightface's ArcFace template: left eye, right eye, nose tip, left and right mouth corners in the 112x112 crop.
 ARCFACE_TEMPLATE = np.array(

@@ -2,7 +2,7 @@
 
 Every photo goes through the same path as the model card's inference recipe:
 MTCNN detection and landmarks, a similarity warp onto the ArcFace template
-(:mod:`pipeline.face`), the recipe's preprocessing (:func:`pipeline.data.preprocess`),
+(:mod:`pipeline.photos.detect`), the recipe's preprocessing (:func:`pipeline.data.bins.preprocess`),
 the network, L2 normalisation. With ``flip`` the embedding is the normalised sum
 of the image's and its mirror's, as the verification protocol computes it, so
 a threshold found by ``qpipe verify`` applies unchanged.
@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.face import MTCNN, SELECT_CHOICES, AlignedFace, NoFaceError, Select, default_detector, detect_and_align
-from pipeline.fsutil import atomic_path, atomic_write_json, sha256_file
-from pipeline.progress import NULL_PROGRESS, Progress
+from pipeline.core.errors import UserError
+from pipeline.photos.detect import MTCNN, SELECT_CHOICES, AlignedFace, NoFaceError, Select, default_detector, detect_and_align
+from pipeline.core.files import atomic_path, atomic_write_json, sha256_file
+from pipeline.core.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:
     from pipeline.recipe import InputSpec
@@ -64,7 +64,7 @@ class FaceEmbedder:
     """An embedding model with the recipe's preprocessing: aligned crops in, unit vectors out."""
 
     def __init__(self, model: Path, input_spec: "InputSpec", *, flip: bool = False, threads: int | None = None) -> None:
-        from pipeline.bench import OnnxModel
+        from pipeline.eval.speed import OnnxModel
 
         self.path = Path(model)
         self.spec = input_spec
@@ -83,7 +83,7 @@ class FaceEmbedder:
         self.batch = EMBED_BATCH if self.model.dynamic_batch else int(self.model.fixed_batch or 1)
 
     def _raw(self, crops: np.ndarray, flip: bool) -> np.ndarray:
-        from pipeline.data import preprocess
+        from pipeline.data.bins import preprocess
 
         x = preprocess(crops, self.spec, flip=flip)
         outs = []
@@ -98,7 +98,7 @@ class FaceEmbedder:
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB crops -> (N, D) float64 unit embeddings."""
-        from pipeline.metrics import flip_sum
+        from pipeline.eval.protocol import flip_sum
 
         if len(crops) == 0:
             return np.empty((0, 0))
@@ -670,7 +670,7 @@ def pack_bin(
     images = [crops[x] for s in kept for x in (s.a, s.b)]
     issame = [s.same for s in kept]
 
-    from pipeline.data import write_bin
+    from pipeline.data.bins import write_bin
 
     write_bin(out, images, issame)
     n_same = sum(issame)

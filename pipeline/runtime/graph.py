@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from pipeline.errors import UserError
-from pipeline.fsutil import require_file
+from pipeline.core.errors import UserError
+from pipeline.core.files import require_file
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 Dim = int | str | None

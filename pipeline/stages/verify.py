@@ -1,8 +1,8 @@
 """The verification gate: fp32 vs int8 accuracy on face-verification sets, and measured speedup.
 
 For each ``.bin`` both models embed every image (and its horizontal flip),
-:mod:`pipeline.metrics` scores the pairs with the insightface protocol, and
-:mod:`pipeline.bench` times the two models interleaved. The gate passes when,
+:mod:`pipeline.eval.protocol` scores the pairs with the insightface protocol, and
+:mod:`pipeline.eval.speed` times the two models interleaved. The gate passes when,
 for every data set, ``int8 accuracy >= fp32 accuracy - gate.max_accuracy_drop``
 and the median speedup is at least ``gate.min_speedup``.
 
@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from pipeline import metrics as M
-from pipeline.bench import OnnxModel, SpeedResult, benchmark
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, require_file, sha256_file
-from pipeline.progress import NULL_PROGRESS, Progress
+from pipeline.eval import protocol as M
+from pipeline.eval.speed import OnnxModel, SpeedResult, benchmark
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_path, require_file, sha256_file
+from pipeline.core.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:
-    from pipeline.data import VerificationBin
+    from pipeline.data.bins import VerificationBin
     from pipeline.recipe import GateSection, InputSpec, VerifySection
 
 # Bump when the cached array's meaning changes, so old cache files are not reused.
@@ -180,7 +180,7 @@ class VerifyResult:
 
 def cache_key(*, model_sha256: str, data_sha256: str, input_spec: "InputSpec", flip: bool, pairs: int) -> str:
     """sha256 naming the fp32 embeddings of one model x data x preprocessing x flip x pairs."""
-    from pipeline import envinfo
+    from pipeline.core import environment as envinfo
 
     blob = json.dumps(
         {
@@ -309,7 +309,7 @@ def embed_pairs_with_info(
             return hit, info
 
     session = runner() if runner is not None else OnnxModel(model_path, threads=threads, input_name=input_spec.name, output_name=input_spec.output)
-    from pipeline.data import preprocess
+    from pipeline.data.bins import preprocess
 
     views = (False, True) if flip else (False,)
     parts: list[np.ndarray] = []
@@ -414,14 +414,14 @@ def verify(
 
     Returns the result whether or not the gate passed (``result.passed``,
     ``result.gate["reasons"]``); the caller decides the exit code (the CLI
-    raises :class:`~pipeline.errors.GateFailed`). Problems with the inputs
+    raises :class:`~pipeline.core.errors.GateFailed`). Problems with the inputs
     (missing files, a model onnxruntime cannot load, too few pairs) raise
-    :class:`~pipeline.errors.UserError`. ``cache_dir``: where fp32 embeddings
+    :class:`~pipeline.core.errors.UserError`. ``cache_dir``: where fp32 embeddings
     are cached (None: no cache). ``report_dir``: where report.json, report.md
     and report.png are written (None: no reports).
     """
-    from pipeline import envinfo
-    from pipeline.data import preprocess, read_bin
+    from pipeline.core import environment as envinfo
+    from pipeline.data.bins import preprocess, read_bin
 
     progress = progress or NULL_PROGRESS
     t0 = time.perf_counter()
@@ -525,7 +525,7 @@ def verify(
     )
     result.seconds = time.perf_counter() - t0
     if report_dir is not None:
-        from pipeline.report import write_reports
+        from pipeline.stages.report import write_reports
 
         result.report_dir = Path(report_dir)
         write_reports(result, result.report_dir)
@@ -537,7 +537,7 @@ def default_data(recipe: Any, download_dir: Path) -> Path | None:
     """The recipe's verification set when no --data is given: its downloaded copy, or a local path it names."""
     if recipe.data is None:
         return None
-    from pipeline.download import cache_name
+    from pipeline.stages.download import cache_name
 
     cached = Path(download_dir) / cache_name(recipe.data)
     if cached.is_file():

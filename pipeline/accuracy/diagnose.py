@@ -9,7 +9,7 @@ in which every quantizable node has its own fake-quantization switch: ``If``
 nodes that either pass a tensor through or send it through
 QuantizeLinear/DequantizeLinear, on the node's activation inputs and output,
 and choose between the float and the quantized-dequantized weight and bias.
-The quantized side follows the conventions of :mod:`pipeline.quantize`
+The quantized side follows the conventions of :mod:`pipeline.stages.quantize.stage`
 (:class:`QuantScheme`): uint8 asymmetric activations, int8 symmetric weights
 per channel or per tensor, 7-bit when ``reduce_range`` (8-bit for depthwise
 convs), the int32 bias at scale ``x_scale * w_scale`` with INC's overflow
@@ -50,10 +50,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_write_json, atomic_write_text, require_file
-from pipeline.onnxutil import graph_links
-from pipeline.progress import NULL_PROGRESS, Progress
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write_json, atomic_write_text, require_file
+from pipeline.runtime.graph import graph_links
+from pipeline.core.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:
     from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection
@@ -96,8 +96,8 @@ class QuantScheme:
 
     @classmethod
     def from_section(cls, q: "QuantizationSection") -> "QuantScheme":
-        """The conventions ``pipeline.quantize`` applies for these settings."""
-        from pipeline import quantize as qmod
+        """The conventions ``pipeline.stages.quantize.stage`` applies for these settings."""
+        from pipeline.stages.quantize import stage as qmod
 
         reduce = bool(getattr(q, "reduce_range", False))
         per_channel = q.per_channel if q.per_channel is not None else q.engine == "inc"
@@ -313,7 +313,7 @@ class TensorStats:
 def _session(model: onnx.ModelProto, *, basic: bool = False):
     import onnxruntime as ort
 
-    from pipeline.envinfo import physical_cores
+    from pipeline.core.environment import physical_cores
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = physical_cores()
@@ -1148,7 +1148,7 @@ def markdown(res: DiagnoseResult) -> str:
 
 def calibration_images(calib: str | Path, spec: "InputSpec", calibration: "CalibrationSection", input_name: str) -> np.ndarray:
     """The recipe's calibration faces, preprocessed (the same seeded choice the engines calibrate on)."""
-    from pipeline.data import CalibrationData, open_images
+    from pipeline.data.bins import CalibrationData, open_images
 
     source = open_images(calib)
     data = CalibrationData(source, spec, samples=calibration.samples, seed=calibration.seed, batch_size=64, flip=False, input_name=input_name)
@@ -1248,7 +1248,7 @@ def diagnose(
         images: preprocessed calibration images (NCHW float32) instead of reading ``calib``.
         progress: progress reporting.
     """
-    from pipeline import onnxutil
+    from pipeline.runtime import graph as onnxutil
 
     progress = progress or NULL_PROGRESS
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 The order follows the cost to the user. First the int8 model the recipe asks
 for is scored on an evaluation subset (whole folds of the verification pairs,
 the insightface protocol). If it misses the target the model is diagnosed
-(:mod:`pipeline.diagnose`) and root causes are repaired where the function
+(:mod:`pipeline.accuracy.diagnose`) and root causes are repaired where the function
 stays the same and the engine allows:
 
 * **cross-layer equalisation** (Nagel et al., *Data-Free Quantization*, 2019):
@@ -50,13 +50,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pipeline import diagnose as D
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, atomic_write_json, atomic_write_text, require_file
-from pipeline.progress import NULL_PROGRESS, Progress
+from pipeline.accuracy import diagnose as D
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_path, atomic_write_json, atomic_write_text, require_file
+from pipeline.core.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:
-    from pipeline.quantize import QuantizeResult
+    from pipeline.stages.quantize.stage import QuantizeResult
     from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection, Recipe
 
 # Activations that commute with a positive per-channel scale: f(x / s) = f(x) / s.
@@ -220,8 +220,8 @@ class Evaluator:
         self, fp32: Path, pairs_bin: Any, spec: "InputSpec", *, pairs: int, confirm_pairs: int | None = None, folds: int = 10,
         flip: bool = True, batch: int = 16, threads: int | None = None, cache_dir: Path | None = None, progress: Progress | None = None,
     ) -> None:
-        from pipeline import metrics
-        from pipeline.verify import embed_pairs
+        from pipeline.eval import protocol as metrics
+        from pipeline.stages.verify import embed_pairs
 
         self.bin = pairs_bin
         self.spec = spec
@@ -247,7 +247,7 @@ class Evaluator:
 
 
     def _embed(self, model: Path, start: int, stop: int) -> np.ndarray:
-        from pipeline.verify import embed_pairs
+        from pipeline.stages.verify import embed_pairs
 
         view = self.bin if start == 0 else _PairsFrom(self.bin, start)
         return embed_pairs(
@@ -257,7 +257,7 @@ class Evaluator:
 
     def score(self, model: Path, *, confirm: bool = False) -> dict[str, Any]:
         """Accuracy, drop and embedding cosine to fp32 on the subset (or, with ``confirm``, the gate's set)."""
-        from pipeline import metrics
+        from pipeline.eval import protocol as metrics
 
         n = self.confirm_pairs if confirm and self.confirm_pairs else self.pairs
         ref = self.fp32_confirm if confirm and self.confirm_pairs else self.fp32
@@ -281,7 +281,7 @@ class Evaluator:
 
 
 class _PairsFrom:
-    """The pairs of a verification set from pair ``start`` on, for :func:`pipeline.verify.embed_pairs` (no cache)."""
+    """The pairs of a verification set from pair ``start`` on, for :func:`pipeline.stages.verify.embed_pairs` (no cache)."""
 
     def __init__(self, pairs_bin: Any, start: int) -> None:
         self._bin = pairs_bin
@@ -483,7 +483,7 @@ def markdown(res: RecoverResult) -> str:
 
 
 def _cosine_check(original: onnx.ModelProto, repaired: onnx.ModelProto, images: np.ndarray, input_name: str, output_name: str) -> float:
-    from pipeline.onnxutil import cosine_rows
+    from pipeline.runtime.graph import cosine_rows
 
     a = np.concatenate([D._session(original).run([output_name], {input_name: x})[0] for x in D._batches(images, 16)])
     b = np.concatenate([D._session(repaired).run([output_name], {input_name: x})[0] for x in D._batches(images, 16)])
@@ -644,7 +644,7 @@ class _Recovery:
     """One recovery run: the candidates so far and the steps that make new ones."""
 
     def __init__(self, setup: _Setup, evaluator: Evaluator) -> None:
-        from pipeline.quantize import quantize
+        from pipeline.stages.quantize.stage import quantize
 
         self.s = setup
         self.rec = setup.q0.recovery
@@ -795,7 +795,7 @@ class _Recovery:
 
     def finish(self, quantization: "QuantizationSection", t0: float) -> RecoverResult:
         """Write the chosen candidate to ``out`` with its manifest and the reports."""
-        from pipeline.quantize import MANIFEST_NAME
+        from pipeline.stages.quantize.stage import MANIFEST_NAME
 
         s = self.s
         chosen = self.best()
@@ -861,7 +861,7 @@ def recover(
 
     Args:
         model: the converted fp32 model.
-        calib: calibration faces (``.bin`` or folder), as for :func:`pipeline.quantize.quantize`.
+        calib: calibration faces (``.bin`` or folder), as for :func:`pipeline.stages.quantize.stage.quantize`.
         out: the int8 model to write; ``manifest.json`` goes beside it (with a ``recovery`` section).
         input_spec, calibration, quantization: recipe sections; ``quantization.recovery`` sets the
             target (``max_accuracy_drop``, default ``gate.max_accuracy_drop``), ``eval_pairs``,
@@ -877,10 +877,10 @@ def recover(
 
     The best candidate is written even when none reaches the target; ``within_target`` says which.
     """
-    from pipeline import onnxutil
-    from pipeline.data import VerificationBin, open_images
-    from pipeline.envinfo import physical_cores
-    from pipeline.quantize import MANIFEST_NAME
+    from pipeline.runtime import graph as onnxutil
+    from pipeline.data.bins import VerificationBin, open_images
+    from pipeline.core.environment import physical_cores
+    from pipeline.stages.quantize.stage import MANIFEST_NAME
     from pipeline.recipe import ConvertSection, GateSection, VerifySection
 
     progress = progress or NULL_PROGRESS
@@ -1046,8 +1046,8 @@ def _speed(
     With no node in fp32 the final model runs the same int8 kernels as the recipe's, so its speed is
     the same by construction and a second measurement would only show the machine's noise.
     """
-    from pipeline.bench import benchmark
-    from pipeline.data import preprocess
+    from pipeline.eval.speed import benchmark
+    from pipeline.data.bins import preprocess
 
     inputs = preprocess(pairs_bin.decode_many(np.arange(min(pairs_bin.num_images, max(1, vs.throughput_batch)))), spec)
     kw = dict(
@@ -1075,7 +1075,7 @@ def _speed(
 
 
 def _manifest_section(res: RecoverResult) -> dict[str, Any]:
-    from pipeline.fsutil import sha256_file
+    from pipeline.core.files import sha256_file
 
     return {
         "target_max_accuracy_drop": res.target,

@@ -16,7 +16,7 @@ Paths that start with a dot (the run's bookkeeping in ``.state/``, the lock,
 temporary ``.name.part`` files of atomic writes) are not part of the artifact.
 
 This module imports only the standard library and qpipe's small helpers, so
-``python -m pipeline.manifest DIR`` checks a downloaded artifact without the
+``python -m pipeline.build.manifest DIR`` checks a downloaded artifact without the
 heavy dependencies.
 """
 
@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_write_text, sha256_file
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_write_text, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA = "qpipe.artifact-manifest/1"
@@ -215,7 +215,7 @@ def git_revision(path: str | os.PathLike[str] | None = None) -> dict[str, Any] |
 def provenance() -> dict[str, Any]:
     """Software and machine facts for the manifest (versions, CPU, git)."""
     from pipeline import __version__
-    from pipeline.envinfo import environment
+    from pipeline.core.environment import environment
 
     env = environment()
     return {"qpipe": {"version": __version__, "git": git_revision()}, "environment": env}
@@ -260,12 +260,12 @@ def unexplained_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.manifest DIR [--allow-extra]``: the check without the CLI's dependencies."""
+    """``python -m pipeline.build.manifest DIR [--allow-extra]``: the check without the CLI's dependencies."""
     args = list(sys.argv[1:] if argv is None else argv)
     allow_extra = "--allow-extra" in args
     dirs = [a for a in args if a != "--allow-extra"]
     if len(dirs) != 1:
-        print("usage: python -m pipeline.manifest DIR [--allow-extra]", file=sys.stderr)
+        print("usage: python -m pipeline.build.manifest DIR [--allow-extra]", file=sys.stderr)
         return 2
     try:
         check = verify_manifest(dirs[0], allow_extra=allow_extra)
