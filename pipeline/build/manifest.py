@@ -196,10 +196,10 @@ def verify_manifest(directory: str | os.PathLike[str], *, allow_extra: bool = Fa
 
 def git_revision(path: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
     """qpipe's git commit and whether the work tree differs from it; None outside a checkout."""
-    where = Path(path) if path is not None else Path(__file__).resolve().parent.parent
+    where = Path(path) if path is not None else Path(__file__).resolve().parents[2]
     try:
         top = subprocess.run(["git", "-C", str(where), "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=10)
-        if top.returncode != 0 or not (Path(top.stdout.strip()) / "pipeline" / "manifest.py").is_file():
+        if top.returncode != 0 or not (Path(top.stdout.strip()) / "pipeline" / "build" / "manifest.py").is_file():
             return None  # not qpipe's own checkout (e.g. an installed wheel inside some other repo)
         head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
