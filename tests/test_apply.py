@@ -256,6 +256,7 @@ def test_packed_bin_verifies_within_one_point_of_the_same_pairs_in_lfw_bin(views
 def test_compare_with_a_verify_report_says_what_verify_predicts(packed, views, shared_raw, shared_model, tmp_path):
     from pipeline.data.bins import write_bin
     from pipeline.photos.detect import default_detector
+    from pipeline.stages.report import write_reports
     from pipeline.stages.verify import verify
 
     # A real verify report on 20 of the packed pairs (10 same, 10 different, interleaved so every fold
@@ -264,7 +265,8 @@ def test_compare_with_a_verify_report_says_what_verify_predicts(packed, views, s
     b = read_bin(packed.out)
     sub = write_bin(tmp_path / "sub.bin", [b.encoded(i) for k in chosen for i in (2 * k, 2 * k + 1)], [bool(b.issame[k]) for k in chosen])
     fast = VerifySection(warmup=1, rounds=1, runs_per_round=1, throughput_batch=2, threads=1)
-    vr = verify(shared_model, shared_model, [sub], input_spec=SPEC, verify=fast, gate=GateSection(min_speedup=0.0), report_dir=tmp_path / "rep")
+    vr = verify(shared_model, shared_model, [sub], input_spec=SPEC, verify=fast, gate=GateSection(min_speedup=0.0))
+    write_reports(vr, tmp_path / "rep")
     thr = vr.datasets[0].fp32.metrics.threshold_mean
 
     ours = _protocol(views["ours"], views["ours_flip"])

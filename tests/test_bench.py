@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.eval import speed as bench
+from pipeline.runtime.session import OnnxModel
 from pipeline.core import environment as envinfo
 from pipeline.core.errors import UserError
 from tests.synthdata import face_model
@@ -139,7 +140,7 @@ def test_missing_vnni_is_stated_beside_the_speedup(monkeypatch):
 def test_real_sessions_use_the_requested_thread_count(tmp_path):
     fp32 = tmp_path / "fp32.onnx"
     face_model(fp32, seed=0)
-    m = bench.OnnxModel(fp32, threads=1)
+    m = OnnxModel(fp32, threads=1)
     opts = m.session.get_session_options()
     assert opts.intra_op_num_threads == 1
     # idle sessions must not spin on the cores the timed session needs
@@ -161,10 +162,10 @@ def test_unloadable_model_is_a_user_error(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx model")
     with pytest.raises(UserError, match="bad.onnx"):
-        bench.OnnxModel(bad)
+        OnnxModel(bad)
     with pytest.raises(UserError, match="not found"):
-        bench.OnnxModel(tmp_path / "missing.onnx")
+        OnnxModel(tmp_path / "missing.onnx")
     good = tmp_path / "good.onnx"
     face_model(good)
     with pytest.raises(UserError, match="no input 'x'"):
-        bench.OnnxModel(good, input_name="x")
+        OnnxModel(good, input_name="x")

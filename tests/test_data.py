@@ -11,16 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.data.bins import (
-    CalibrationData,
-    ImageFolder,
-    VerificationBin,
-    calibration_indices,
-    open_images,
-    preprocess,
-    read_bin,
-    write_bin,
-)
+from pipeline.data.bins import ImageFolder, VerificationBin, open_images, read_bin, write_bin
+from pipeline.data.calibration import CalibrationData, calibration_indices
+from pipeline.data.preprocess import preprocess
 from pipeline.core.errors import UserError
 from pipeline.recipe import InputSpec
 from tests.synthdata import face_images, malicious_pickle, python2_bin_pickle, synthetic_bin, synthetic_pairs

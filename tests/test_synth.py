@@ -11,6 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 from pipeline.runtime import graph as onnxutil
+from pipeline.runtime.session import OnnxModel
 from pipeline.core.errors import UserError
 from pipeline.stages.synth import UNITS, build_model, synth_model
 
@@ -18,9 +19,9 @@ ZOO_OPS = {"Sub", "Mul", "Conv", "BatchNormalization", "PRelu", "Add", "Dropout"
 
 
 def _embed(path_or_model, n: int = 4, seed: int = 1) -> np.ndarray:
-    sess = onnxutil.session(path_or_model)
+    model = OnnxModel(path_or_model, input_name="data", output_name="fc1")
     x = np.random.default_rng(seed).integers(0, 256, (n, 3, 112, 112)).astype(np.float32)
-    return onnxutil.run(sess, x, input_name="data", output_name="fc1")
+    return model.run(x)
 
 
 def _spatial(model: onnx.ModelProto) -> set[int]:

@@ -14,11 +14,13 @@ import pytest
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from pipeline.eval import speed as bench
+from pipeline.eval.embeddings import cache_key, embed_pairs, embed_pairs_with_info
+from pipeline.runtime.session import OnnxModel
+from pipeline.stages.report import write_reports
 from pipeline.cli.app import app
 from pipeline.core.errors import UserError
 from pipeline.recipe import GateSection, InputSpec, VerifySection
-from pipeline.stages.verify import cache_key, embed_pairs, embed_pairs_with_info, verify
+from pipeline.stages.verify import verify
 from tests.synthdata import face_model, synthetic_bin
 
 SPEC = InputSpec(size=[32, 32])
@@ -58,7 +60,8 @@ def synth(tmp_path_factory):
     face_model(other, seed=1)
     lfw = synthetic_bin(d / "lfw.bin", pairs=60, seed=0)
     cfp = synthetic_bin(d / "cfp_fp.bin", pairs=40, seed=5)
-    from pipeline.data.bins import preprocess, read_bin
+    from pipeline.data.bins import read_bin
+    from pipeline.data.preprocess import preprocess
 
     calib = preprocess(read_bin(cfp).decode_many(np.arange(16)), SPEC)
     int8 = _ort_int8(fp32, d / "int8.onnx", calib)
@@ -66,16 +69,18 @@ def synth(tmp_path_factory):
 
 
 def _run(synth, tmp_path, *, int8=None, data=None, gate=EASY_GATE, cache=True, report=False, **verify_kw):
-    return verify(
+    res = verify(
         synth["fp32"],
         int8 or synth["int8"],
         data or [synth["lfw"]],
         input_spec=SPEC,
         verify=VerifySection(**{**FAST, **verify_kw}),
         gate=gate,
-        report_dir=tmp_path / "rep" if report else None,
         cache_dir=tmp_path / "cache" if cache else None,
     )
+    if report:
+        write_reports(res, tmp_path / "rep")
+    return res
 
 
 # --- an independent evaluation: cv2 + onnxruntime + insightface's calculate_roc -------------
@@ -216,18 +221,18 @@ def test_subset_gate_uses_the_first_n_pairs_and_says_it_is_a_subset(synth, tmp_p
 
 
 class _CallCounter:
-    """Counts forward passes per model file through bench.OnnxModel."""
+    """Counts forward passes per model file through OnnxModel."""
 
     def __init__(self, monkeypatch):
         self.calls: dict[str, int] = {}
-        original = bench.OnnxModel.__call__
+        original = OnnxModel.__call__
         counter = self
 
-        def counted(model_self, x):
+        def counted(model_self, x, extra=None):
             counter.calls[model_self.path.name] = counter.calls.get(model_self.path.name, 0) + len(x)
-            return original(model_self, x)
+            return original(model_self, x, extra)
 
-        monkeypatch.setattr(bench.OnnxModel, "__call__", counted)
+        monkeypatch.setattr(OnnxModel, "__call__", counted)
 
 
 def test_second_verify_reads_fp32_embeddings_from_the_cache_and_only_runs_int8(synth, tmp_path, monkeypatch):
@@ -269,10 +274,10 @@ def test_a_corrupt_cache_file_is_recomputed_not_fatal(synth, tmp_path):
     (cache_file,) = tmp_path.glob("emb-*.npz")
     cache_file.write_bytes(b"garbage")
     e2, info2 = embed_pairs_with_info(synth["fp32"], b, input_spec=SPEC, pairs=10, cache_dir=tmp_path)
-    assert not info1["cached"] and not info2["cached"]
+    assert not info1.cached and not info2.cached
     np.testing.assert_array_equal(e1, e2)
     e3, info3 = embed_pairs_with_info(synth["fp32"], b, input_spec=SPEC, pairs=10, cache_dir=tmp_path)
-    assert info3["cached"]
+    assert info3.cached
     np.testing.assert_array_equal(e1, e3)
     assert not list(tmp_path.glob("*.part"))
 
@@ -416,7 +421,8 @@ REAL_SPEC = InputSpec()
 @pytest.fixture(scope="session")
 def real(shared_model, shared_lfw, tmp_path_factory, request):
     from pipeline.stages.convert import convert
-    from pipeline.data.bins import preprocess, read_bin
+    from pipeline.data.bins import read_bin
+    from pipeline.data.preprocess import preprocess
 
     d = tmp_path_factory.mktemp("real")
     fp32 = d / "mobilefacenet-opset11.onnx"
@@ -435,8 +441,9 @@ def test_real_lfw_first_fold_int8_equals_an_independent_evaluation(real, tmp_pat
     res = verify(
         real["fp32"], real["int8"], [real["lfw"]], input_spec=REAL_SPEC,
         verify=VerifySection(pairs=600, rounds=4, warmup=2, runs_per_round=2, throughput_batch=8, batch=32),
-        gate=EASY_GATE, report_dir=tmp_path / "rep", cache_dir=real["cache"],
+        gate=EASY_GATE, cache_dir=real["cache"],
     )
+    write_reports(res, tmp_path / "rep")
     d = res.datasets[0]
     assert d.subset and d.pairs == 600
     assert d.fp32.metrics.accuracy > 98.0 and d.fp32.metrics.roc_auc > 0.99

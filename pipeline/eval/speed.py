@@ -8,9 +8,6 @@ phase of a noisy machine (another job, frequency scaling, a cold cache) then
 hits both models within the same round, and the speedup is the median of the
 per-round ratios fp32/int8, reported with its interquartile range so the
 spread is visible rather than hidden in one mean.
-
-:class:`OnnxModel` (one onnxruntime session with the model's input/output
-names and whether its batch is dynamic) is also what verification embeds with.
 """
 
 from __future__ import annotations
@@ -24,77 +21,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline.core.errors import UserError
-from pipeline.core.files import require_file
 from pipeline.core.progress import NULL_PROGRESS, Progress
+from pipeline.runtime.session import OnnxModel
 
 # Throughput is a secondary figure: a few interleaved batch runs per model.
 THROUGHPUT_MIN_ROUNDS = 3
 THROUGHPUT_ROUND_DIVISOR = 8
-
-
-class OnnxModel:
-    """An onnxruntime CPU session created once, with the names the recipe or the model gives.
-
-    ``threads``: intra-op threads (None: onnxruntime's default). ``spinning``:
-    let idle worker threads spin (off by default; see below).
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        threads: int | None = None,
-        input_name: str | None = None,
-        output_name: str | None = None,
-        spinning: bool = False,
-    ) -> None:
-        import onnxruntime as ort
-
-        self.path = require_file(path, "model")
-        opts = ort.SessionOptions()
-        if threads is not None:
-            if threads <= 0:
-                raise UserError(f"thread count must be positive, got {threads}")
-            opts.intra_op_num_threads = int(threads)
-        # One operator at a time: the intra-op count is then the whole thread budget.
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
-        # Spinning worker threads of an idle session keep burning the cores the other session needs:
-        # measured here (2 cores, fp32 and int8 MobileFaceNet interleaved), spinning made batch-1 latency
-        # 2.7x worse and the model timed second in a round systematically slower (ratio 1.13 vs 1.61
-        # by order). Without spinning the order effect is gone.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot load model {self.path} in onnxruntime: {msg}") from None
-        self.threads = threads
-        inputs = self.session.get_inputs()
-        outputs = self.session.get_outputs()
-        names = [i.name for i in inputs]
-        if input_name is not None and input_name not in names:
-            raise UserError(f"model {self.path} has no input {input_name!r} (inputs: {', '.join(names)})")
-        self.input_name = input_name or names[0]
-        out_names = [o.name for o in outputs]
-        if output_name is not None and output_name not in out_names:
-            raise UserError(f"model {self.path} has no output {output_name!r} (outputs: {', '.join(out_names)})")
-        self.output_name = output_name or out_names[0]
-        shape = next(i.shape for i in inputs if i.name == self.input_name)
-        if len(shape) != 4:
-            raise UserError(f"model {self.path} input {self.input_name!r} has shape {shape}; expected NCHW (4 dimensions)")
-        # A symbolic or unknown first dimension means any batch size is accepted.
-        self.dynamic_batch = not isinstance(shape[0], int) or shape[0] <= 0
-        self.fixed_batch = None if self.dynamic_batch else int(shape[0])
-        self.input_shape = tuple(shape)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        try:
-            return self.session.run([self.output_name], {self.input_name: x})[0]
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"model {self.path} failed on an input of shape {tuple(x.shape)}: {msg}") from None
 
 
 @dataclass

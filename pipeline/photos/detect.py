@@ -189,23 +189,16 @@ class MTCNN:
         threads: int = 1,
         max_side: int | None = 1280,
     ) -> None:
-        import onnxruntime as ort
+        from pipeline.runtime.session import session
 
         self.max_side = max_side
         self.min_face_size = float(min_face_size)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.scale_factor = float(scale_factor)
-        opts = ort.SessionOptions()
-        # The networks are tiny; one thread avoids contention when several processes share the cores.
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
         self._sessions = {}
         for name, path in weight_paths().items():
-            try:
-                sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own types for corrupt files
-                raise UserError(f"cannot load MTCNN {name} from {path}: {e}") from None
+            # The networks are tiny; one thread avoids contention when several processes share the cores.
+            sess = session(path, threads=threads, what=f"MTCNN {name} ({path})")
             self._sessions[name] = (sess, sess.get_inputs()[0].name)
 
     def _run(self, name: str, x: np.ndarray) -> list[np.ndarray]:

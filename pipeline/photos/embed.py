@@ -2,7 +2,7 @@
 
 Every photo goes through the same path as the model card's inference recipe:
 MTCNN detection and landmarks, a similarity warp onto the ArcFace template
-(:mod:`pipeline.photos.detect`), the recipe's preprocessing (:func:`pipeline.data.bins.preprocess`),
+(:mod:`pipeline.photos.detect`), the recipe's preprocessing (:func:`pipeline.data.preprocess.preprocess`),
 the network, L2 normalisation. With ``flip`` the embedding is the normalised sum
 of the image's and its mirror's, as the verification protocol computes it, so
 a threshold found by ``qpipe verify`` applies unchanged.
@@ -64,48 +64,22 @@ class FaceEmbedder:
     """An embedding model with the recipe's preprocessing: aligned crops in, unit vectors out."""
 
     def __init__(self, model: Path, input_spec: "InputSpec", *, flip: bool = False, threads: int | None = None) -> None:
-        from pipeline.eval.speed import OnnxModel
+        from pipeline.eval.embeddings import open_model
 
         self.path = Path(model)
         self.spec = input_spec
         self.flip = flip
-        self.model = OnnxModel(model, threads=threads, input_name=input_spec.name, output_name=input_spec.output)
-        shape = self.model.input_shape
-        want = tuple(input_spec.size)
         # Checked before any photo is read: a wrong model must not surface as "no face found" or mid-batch.
-        if isinstance(shape[1], int) and shape[1] > 0 and shape[1] != 3:
-            raise UserError(f"model {self.path} takes {shape[1]}-channel inputs (shape {list(shape)}); face models take 3 (RGB or BGR)")
-        if isinstance(shape[2], int) and isinstance(shape[3], int) and shape[2] > 0 and (shape[2], shape[3]) != want:
-            raise UserError(
-                f"model {self.path} takes {shape[2]}x{shape[3]} inputs but the recipe's model.input.size is "
-                f"{want[0]}x{want[1]}"
-            )
-        self.batch = EMBED_BATCH if self.model.dynamic_batch else int(self.model.fixed_batch or 1)
-
-    def _raw(self, crops: np.ndarray, flip: bool) -> np.ndarray:
-        from pipeline.data.bins import preprocess
-
-        x = preprocess(crops, self.spec, flip=flip)
-        outs = []
-        for start in range(0, len(x), self.batch):
-            part = x[start : start + self.batch]
-            n = len(part)
-            if n < self.batch and not self.model.dynamic_batch:
-                # A fixed-batch model needs full batches: pad with zeros, keep the real rows.
-                part = np.concatenate([part, np.zeros((self.batch - n,) + part.shape[1:], part.dtype)])
-            outs.append(np.asarray(self.model(part)).reshape(len(part), -1)[:n])
-        return np.concatenate(outs) if outs else np.empty((0, 0), np.float32)
+        self.model = open_model(model, input_spec, threads=threads)
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB crops -> (N, D) float64 unit embeddings."""
-        from pipeline.eval.protocol import flip_sum
+        from pipeline.eval.embeddings import embed_images
 
         if len(crops) == 0:
             return np.empty((0, 0))
-        emb = self._raw(crops, False)
-        flipped = self._raw(crops, True) if self.flip else None
-        out = flip_sum(emb, flipped)
-        if not np.all(np.isfinite(out)):
+        out, finite = embed_images(self.model, crops, self.spec, flip=self.flip, batch=EMBED_BATCH)
+        if not np.all(finite) or not np.all(np.isfinite(out)):
             raise UserError(f"model {self.path} produced NaN or infinite embeddings")
         return out
 

@@ -1,8 +1,8 @@
-"""Small ONNX / onnxruntime helpers shared by the stages.
+"""ONNX graph helpers shared by the stages: loading, inputs and outputs, shapes, tensor links.
 
 Everything a user can get wrong about a model file (missing, not ONNX,
-truncated, a graph onnxruntime rejects) leaves here as a UserError that names
-the file; the stages never see raw protobuf or onnxruntime exceptions.
+truncated) leaves here as a UserError that names the file; the stages never
+see raw protobuf exceptions. Running a model is :mod:`pipeline.runtime.session`.
 """
 
 from __future__ import annotations
@@ -97,34 +97,6 @@ def find_output(model: onnx.ModelProto, name: str | None = None) -> onnx.ValueIn
     raise UserError(f"the model has no output named {name!r} (outputs: {', '.join(o.name for o in outputs)})")
 
 
-def session(model: str | os.PathLike[str] | onnx.ModelProto | bytes, *, threads: int | None = None, what: str = "model", quiet: bool = False):
-    """An onnxruntime CPU session; a UserError if onnxruntime rejects the model."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    if quiet:
-        # Probing whether a model runs: its failure is handled, so keep ORT's own log line out of the terminal.
-        so.log_severity_level = 4
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else (model if isinstance(model, bytes) else str(model))
-    try:
-        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception classes (Fail, InvalidGraph, ...)
-        raise UserError(f"onnxruntime cannot load the {what}: {_first_line(e)}") from None
-
-
-def run(sess, inputs: np.ndarray, *, input_name: str, output_name: str, batch: int = 1, what: str = "model") -> np.ndarray:
-    """Run ``inputs`` (N, ...) through ``sess`` in batches of ``batch``; returns the stacked output."""
-    outs = []
-    for i in range(0, len(inputs), batch):
-        try:
-            outs.append(sess.run([output_name], {input_name: np.ascontiguousarray(inputs[i : i + batch], dtype=np.float32)})[0])
-        except Exception as e:
-            raise UserError(f"onnxruntime failed to run the {what}: {_first_line(e)}") from None
-    return np.concatenate(outs, axis=0)
-
-
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of each row of ``a`` with the same row of ``b`` (float64).
 
@@ -170,8 +142,3 @@ def skeleton(model: onnx.ModelProto, max_elements: int = 4096) -> onnx.ModelProt
         else:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return sk
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

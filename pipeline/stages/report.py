@@ -7,21 +7,21 @@ measured. All three files are written atomically.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from pipeline.core.files import atomic_path, atomic_write_json, atomic_write_text
-
-if TYPE_CHECKING:
-    from pipeline.stages.verify import VerifyResult
+from pipeline.stages.verify import VerifyResult
 
 REPORT_FILES = ("report.json", "report.md", "report.png")
 
 
-def write_reports(result: "VerifyResult", directory: Path) -> dict[str, Path]:
-    """Write report.json, report.md and report.png into ``directory``; return their paths."""
+def write_reports(result: VerifyResult, directory: Path) -> dict[str, Path]:
+    """Write report.json, report.md and report.png into ``directory``; return their paths.
+
+    ``result.report_dir`` becomes ``directory`` (report.json and the summary name it).
+    """
     directory = Path(directory)
+    result.report_dir = directory
     paths = {name: directory / name for name in REPORT_FILES}
     atomic_write_json(paths["report.json"], result.to_dict())
     atomic_write_text(paths["report.md"], markdown(result))
@@ -44,7 +44,7 @@ def _diff(a: float | None, b: float | None, fmt: str = "+.2f") -> str:
     return format(b - a, fmt)
 
 
-def verdict_lines(result: "VerifyResult") -> list[str]:
+def verdict_lines(result: VerifyResult) -> list[str]:
     """The verdict as short lines (also what the CLI prints)."""
     lines = []
     if result.passed:
@@ -58,7 +58,7 @@ def verdict_lines(result: "VerifyResult") -> list[str]:
     return lines
 
 
-def markdown(result: "VerifyResult") -> str:
+def markdown(result: VerifyResult) -> str:
     sp = result.speed
     g = result.gate
     out: list[str] = ["# qpipe verify report", ""]
@@ -156,7 +156,7 @@ def markdown(result: "VerifyResult") -> str:
 # --- plot -------------------------------------------------------------------------
 
 
-def plot(result: "VerifyResult", path: Path) -> Path:
+def plot(result: VerifyResult, path: Path) -> Path:
     """ROC curves of both models per data set; latency distributions; per-round speedup."""
     import matplotlib
 
@@ -230,7 +230,7 @@ def plot(result: "VerifyResult", path: Path) -> Path:
     return Path(path)
 
 
-def summary_lines(result: "VerifyResult") -> list[str]:
+def summary_lines(result: VerifyResult) -> list[str]:
     """What the CLI prints: one line per data set, the speed, the verdict."""
     lines: list[str] = []
     for d in result.datasets:

@@ -1,0 +1,256 @@
+"""Face images in, protocol embeddings out: the one batched embedding runner.
+
+Images (N x H x W x 3 uint8 RGB) are preprocessed as the recipe's input spec
+says (:func:`pipeline.data.preprocess.preprocess`), run through the model in
+batches it accepts (:meth:`pipeline.runtime.session.OnnxModel.run`: a fixed
+batch of 1 is run one image at a time, a dynamic batch ``batch`` images at a
+time) and, with ``flip``, summed with the embeddings of their mirror images
+before L2 normalisation, as insightface does. Verification pairs are embedded
+chunk by chunk, so a whole set never exists as float32 at once, and the
+result can be cached on disk (one ``.npz`` per model x data x preprocessing x
+flip x pairs), so a second int8 candidate only pays for its own forward passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from pipeline.core.errors import UserError
+from pipeline.core.files import atomic_path, require_file, sha256_file
+from pipeline.core.progress import NULL_PROGRESS, Progress
+from pipeline.data.preprocess import preprocess
+from pipeline.eval.protocol import flip_sum
+from pipeline.recipe import InputSpec
+from pipeline.runtime.session import ModelSource, OnnxModel
+
+# Bump when the cached array's meaning changes, so old cache files are not reused.
+CACHE_FORMAT = 1
+# Images decoded and preprocessed at once: bounds memory, independent of the model's batch.
+DECODE_CHUNK = 256
+
+
+class PairImages(Protocol):
+    """What :func:`embed_pairs` reads: images 2k and 2k+1 are pair k (a VerificationBin or a view of one)."""
+
+    path: Path
+    num_pairs: int
+
+    def decode_many(self, idx: Sequence[int]) -> np.ndarray: ...
+
+
+# --- opening a model ------------------------------------------------------------------------------
+
+
+def check_input(model: OnnxModel, spec: InputSpec) -> None:
+    """The model's input must take what the recipe's preprocessing makes: 3 channels of ``spec.size``."""
+    c, h, w = model.input_shape[1:]
+    if (isinstance(h, int) and h > 0 and h != spec.size[0]) or (isinstance(w, int) and w > 0 and w != spec.size[1]):
+        raise UserError(
+            f"{model.what} takes {h}x{w} images but model.input.size is {spec.size[0]}x{spec.size[1]}",
+            hint="set model.input.size in the recipe",
+        )
+    if isinstance(c, int) and c > 0 and c != 3:
+        raise UserError(f"{model.what} input has {c} channels; face models take 3 (RGB or BGR)")
+
+
+def open_model(model: ModelSource, spec: InputSpec, *, threads: int | None = None, what: str | None = None) -> OnnxModel:
+    """A session for ``model`` with the recipe's input/output names, its input checked against ``spec``."""
+    m = OnnxModel(model, threads=threads, input_name=spec.name, output_name=spec.output, what=what)
+    check_input(m, spec)
+    return m
+
+
+# --- images -----------------------------------------------------------------------------------------
+
+
+def raw_embeddings(model: OnnxModel, images: np.ndarray, spec: InputSpec, *, flip: bool = False, batch: int = 16) -> np.ndarray:
+    """The model's outputs (N, dim) for uint8 RGB ``images`` (mirrored with ``flip``), unnormalised."""
+    out = model.run(preprocess(images, spec, flip=flip), batch)
+    if out.ndim < 2 and len(images):
+        raise UserError(f"{model.what} output {model.output_name!r} has shape {out.shape}; expected (batch, embedding)")
+    return out.reshape(len(images), -1)
+
+
+def embed_images(
+    model: OnnxModel, images: np.ndarray, spec: InputSpec, *, flip: bool = True, batch: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """Protocol embeddings of ``images``: (N, dim) float64 unit rows, and which rows' raw outputs were all finite.
+
+    With ``flip`` each row is the normalised sum of the image's and its mirror's
+    embeddings (summed in float64, as insightface's embedding buffers are).
+    """
+    e = raw_embeddings(model, images, spec, flip=False, batch=batch)
+    finite = np.all(np.isfinite(e), axis=1)
+    f = None
+    if flip:
+        f = raw_embeddings(model, images, spec, flip=True, batch=batch)
+        finite &= np.all(np.isfinite(f), axis=1)
+    return flip_sum(e, f), finite
+
+
+# --- verification pairs ----------------------------------------------------------------------------
+
+
+@dataclass
+class EmbedInfo:
+    """How :func:`embed_pairs_with_info` got its embeddings."""
+
+    cached: bool
+    seconds: float
+    nonfinite: int  # rows whose raw output was not finite
+    cache_file: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cache_key(*, model_sha256: str, data_sha256: str, input_spec: InputSpec, flip: bool, pairs: int) -> str:
+    """sha256 naming the fp32 embeddings of one model x data x preprocessing x flip x pairs."""
+    from pipeline.core import environment as envinfo
+
+    blob = json.dumps(
+        {
+            "format": CACHE_FORMAT,
+            "model": model_sha256,
+            "data": data_sha256,
+            "input": input_spec.model_dump(mode="json"),
+            "flip": bool(flip),
+            "pairs": int(pairs),
+            # Another onnxruntime may round differently; its embeddings are not these.
+            "onnxruntime": envinfo.package_version("onnxruntime"),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_file(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / f"emb-{key[:40]}.npz"
+
+
+def _load_cache(path: Path, key: str, rows: int, progress: Progress) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            emb = np.array(z["embeddings"], dtype=np.float64)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        progress.log(f"warning: ignoring unreadable embedding cache {path}: {e}")
+        return None
+    if emb.ndim != 2 or emb.shape[0] != rows:
+        progress.log(f"warning: ignoring embedding cache {path}: shape {emb.shape}, expected {rows} rows")
+        return None
+    return emb
+
+
+def _save_cache(path: Path, key: str, emb: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, key=np.array(key), embeddings=emb)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def embed_pairs(
+    model: ModelSource | OnnxModel,
+    source: PairImages,
+    *,
+    input_spec: InputSpec,
+    flip: bool = True,
+    batch: int = 16,
+    pairs: int | None = None,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Protocol embeddings of the first ``pairs`` pairs (2 x pairs rows, float64); see :func:`embed_pairs_with_info`."""
+    return embed_pairs_with_info(
+        model, source, input_spec=input_spec, flip=flip, batch=batch, pairs=pairs, cache_dir=cache_dir, threads=threads, progress=progress
+    )[0]
+
+
+def embed_pairs_with_info(
+    model: ModelSource | OnnxModel,
+    source: PairImages,
+    *,
+    input_spec: InputSpec,
+    flip: bool = True,
+    batch: int = 16,
+    pairs: int | None = None,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    label: str = "",
+    runner: Callable[[], OnnxModel] | None = None,
+    model_sha256: str | None = None,
+) -> tuple[np.ndarray, EmbedInfo]:
+    """Protocol embeddings of the first ``pairs`` pairs' images (2 x pairs rows, float64).
+
+    Row 2k / 2k+1 is pair k's first / second face (:func:`embed_images`).
+    ``model``: a model file, a ModelProto or its bytes, or an open :class:`OnnxModel`.
+    ``batch``: images per forward pass when the model's batch is dynamic (a fixed
+    batch is always honoured). With ``cache_dir`` (a model file, or ``model_sha256``
+    given) the result is read from / written to an ``.npz`` keyed by :func:`cache_key`;
+    on a hit the model is not run at all. ``runner``: returns an already-open session
+    for ``model``, called only on a cache miss (default: open one with ``threads``).
+    A result with non-finite rows is never cached.
+    """
+    progress = progress or NULL_PROGRESS
+    t0 = time.perf_counter()
+    n = source.num_pairs if pairs is None else min(int(pairs), source.num_pairs)
+    if n <= 0:
+        raise UserError(f"verify.pairs must be positive, got {pairs}")
+    rows = 2 * n
+    if isinstance(model, OnnxModel):
+        name = model.path.name if model.path is not None else "model"
+    elif isinstance(model, (str, Path)):
+        model = require_file(model, "model")
+        name = model.name
+    else:
+        name = "model"
+    file = key = None
+    if cache_dir is not None:
+        sha = model_sha256
+        if sha is None and isinstance(model, Path):
+            sha = sha256_file(model)
+        elif sha is None and isinstance(model, OnnxModel) and model.path is not None:
+            sha = sha256_file(model.path)
+        if sha is not None:
+            key = cache_key(model_sha256=sha, data_sha256=source.sha256(), input_spec=input_spec, flip=flip, pairs=n)  # type: ignore[attr-defined]
+            file = cache_file(cache_dir, key)
+            hit = _load_cache(file, key, rows, progress)
+            if hit is not None:
+                bad = int(np.sum(~np.all(np.isfinite(hit), axis=1)))
+                return hit, EmbedInfo(cached=True, seconds=time.perf_counter() - t0, nonfinite=bad, cache_file=str(file))
+
+    if runner is not None:
+        session = runner()
+    elif isinstance(model, OnnxModel):
+        session = model
+    else:
+        session = open_model(model, input_spec, threads=threads)
+    views = 2 if flip else 1
+    parts: list[np.ndarray] = []
+    nonfinite = 0
+    with progress.task(f"embedding {label or name}", total=rows * views, unit="img") as task:
+        for start in range(0, rows, DECODE_CHUNK):
+            idx = np.arange(start, min(rows, start + DECODE_CHUNK))
+            imgs = source.decode_many(idx)
+            emb, finite = embed_images(session, imgs, input_spec, flip=flip, batch=batch)
+            task.advance(len(idx) * views)
+            nonfinite += int(np.sum(~finite))
+            parts.append(emb)
+    emb = np.concatenate(parts)
+    if file is not None and key is not None and nonfinite == 0:
+        _save_cache(file, key, emb)
+    return emb, EmbedInfo(cached=False, seconds=time.perf_counter() - t0, nonfinite=nonfinite, cache_file=str(file) if file else None)
