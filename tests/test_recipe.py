@@ -94,10 +94,10 @@ def test_relative_paths_resolve_against_recipe_folder(tmp_path):
     assert load_recipe(p).base_dir == tmp_path.resolve()
 
 
-def test_readme_recipe_table_is_generated_from_schema():
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- recipe-doc:start -->\n")[1].split("<!-- recipe-doc:end -->")[0]
-    assert block == schema_markdown(), "README recipe table is stale: regenerate it from `qpipe recipe-doc`"
+def test_docs_recipe_table_is_generated_from_schema():
+    doc = (ROOT / "docs" / "recipes.md").read_text()
+    block = doc.split("<!-- recipe-doc:start -->\n")[1].split("<!-- recipe-doc:end -->")[0]
+    assert block == schema_markdown(), "docs/recipes.md's recipe table is stale: regenerate it from `qpipe recipe-doc`"
 
 
 def test_cli_bad_recipe_exits_2_with_one_line(tmp_path):
