@@ -12,10 +12,18 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from pipeline.accuracy import diagnose as D
+from pipeline.accuracy.diagnose import Analysis, analyse, diagnose
+from pipeline.accuracy.engine_graph import GraphIndex, engine_view, quantizable_nodes
+from pipeline.accuracy.findings import MODEL_WIDE, engine_findings, int8_findings, int8_node_name
+from pipeline.accuracy.gated import GATES, build_gated_model
+from pipeline.accuracy.qmath import INT32_MAX, INT32_MIN, activation_qparams, fake_quant_weight, quantize_bias, weight_scales
+from pipeline.accuracy.ranges import calibration_images
+from pipeline.accuracy.simulate import embedding_error, sensitivity, single_tensor_cuts
 from pipeline.cli.app import app
 from pipeline.core.errors import UserError
 from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection
+from pipeline.runtime.session import session
+from pipeline.stages.quantize.scheme import QuantScheme
 from tests.synthdata import synthetic_bin
 from tests.twin import DEAD_CHANNEL, NEAR_DEAD_CHANNEL, OUTLIER_CHANNELS, SIZE, planted_model
 
@@ -31,7 +39,7 @@ def pairs_bin(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def images(pairs_bin: Path) -> np.ndarray:
-    return D.calibration_images(pairs_bin, SPEC, CALIB, "data")
+    return calibration_images(pairs_bin, SPEC, CALIB, "data")
 
 
 # --- the engines' arithmetic ------------------------------------------------------------
@@ -47,11 +55,11 @@ def test_weight_scales_match_inc_per_channel_quantization_including_a_dead_chann
     for reduce_range, half in ((True, 64), (False, 127)):
         qrange = 128 if reduce_range else 254
         _, _, _, inc_scale, inc_q = quantize_data_per_channel(w, 0, qrange, onnx_proto.TensorProto.INT8, "sym")
-        ours = D.weight_scales(w, 0, half)
+        ours = weight_scales(w, 0, half)
         np.testing.assert_allclose(ours, inc_scale.reshape(-1), rtol=1e-6)
-        deq = D.fake_quant_weight(w, ours, 0, half)
+        deq = fake_quant_weight(w, ours, 0, half)
         np.testing.assert_allclose(deq, inc_q.astype(np.float32) * inc_scale.reshape(-1, 1, 1, 1), rtol=1e-6, atol=1e-9)
-    assert D.weight_scales(w, 0, 64)[2] == 1.0  # INC's placeholder for a zero range
+    assert weight_scales(w, 0, 64)[2] == 1.0  # INC's placeholder for a zero range
 
 
 def test_activation_qparams_match_inc_uint8_ranges():
@@ -61,7 +69,7 @@ def test_activation_qparams_match_inc_uint8_ranges():
     for lo, hi in ((-1.5, 4.0), (0.0, 6.0), (0.2, 3.0), (-7.0, -1.0)):
         for levels in (127, 255):
             inc_scale, inc_zp = calculate_scale_zp(min(lo, 0.0), max(hi, 0.0), levels, onnx_proto.TensorProto.UINT8, "asym")
-            scale, zp = D.activation_qparams(lo, hi, levels)
+            scale, zp = activation_qparams(lo, hi, levels)
             assert scale == pytest.approx(float(inc_scale), rel=1e-6)
             assert zp == int(inc_zp)
 
@@ -69,48 +77,48 @@ def test_activation_qparams_match_inc_uint8_ranges():
 def test_bias_overflow_becomes_int32_min_as_in_inc_and_saturates_in_onnxruntime():
     b = np.array([2.0, 0.5, -1.0])
     scale = np.array([1e-13, 1e-3, 1e-13])
-    wrapped, overflow = D.quantize_bias(b, scale, "wrap")
+    wrapped, overflow = quantize_bias(b, scale, "wrap")
     assert overflow.tolist() == [True, False, True]
-    assert wrapped.tolist() == [D.INT32_MIN, 500, D.INT32_MIN]
+    assert wrapped.tolist() == [INT32_MIN, 500, INT32_MIN]
     with np.errstate(invalid="ignore"):
         inc_style = (b / scale).round().astype(np.int32)  # what INC 3.7.1's quantize_bias does
-    assert inc_style[0] == D.INT32_MIN
-    clipped, _ = D.quantize_bias(b, scale, "clip")
-    assert clipped.tolist() == [D.INT32_MAX, 500, D.INT32_MIN]
+    assert inc_style[0] == INT32_MIN
+    clipped, _ = quantize_bias(b, scale, "clip")
+    assert clipped.tolist() == [INT32_MAX, 500, INT32_MIN]
 
 
 def test_scheme_follows_the_quantize_stage_conventions():
     # quantize.py gives INC full-range activations and keeps depthwise convs at 8-bit weights.
-    inc = D.QuantScheme.from_section(QuantizationSection(engine="inc", reduce_range=True))
+    inc = QuantScheme.from_section(QuantizationSection(engine="inc", reduce_range=True))
     assert (inc.activation_levels, inc.weight_half_levels, inc.depthwise_half_levels) == (255, 64, 127)
     assert (inc.per_channel, inc.bias_overflow, inc.clip_bound_lost) == (True, "wrap", False)
-    every = D.QuantScheme.from_section(QuantizationSection(engine="inc", reduce_range=True, reduce_range_depthwise=True))
+    every = QuantScheme.from_section(QuantizationSection(engine="inc", reduce_range=True, reduce_range_depthwise=True))
     assert every.depthwise_half_levels is None
-    ort = D.QuantScheme.from_section(QuantizationSection(engine="ort", reduce_range=False, per_channel=None, calibration_method="minmax"))
+    ort = QuantScheme.from_section(QuantizationSection(engine="ort", reduce_range=False, per_channel=None, calibration_method="minmax"))
     assert (ort.activation_levels, ort.weight_half_levels, ort.per_channel, ort.bias_overflow) == (255, 127, False, "clip")
     assert ort.calibration == "minmax"
-    assert D.QuantScheme.from_section(QuantizationSection(calibration_method="percentile")).calibration == "percentile"
-    assert D.QuantScheme.from_section(QuantizationSection(calibration_method="entropy")).calibration == "minmax"
-    dw = D.QNode("dw", "Conv", ["x"], "w", 0, None, "y", depthwise=True)
-    assert inc.weight_levels(dw) == 127 and every.weight_levels(dw) == 64
+    assert QuantScheme.from_section(QuantizationSection(calibration_method="percentile")).calibration == "percentile"
+    assert QuantScheme.from_section(QuantizationSection(calibration_method="entropy")).calibration == "minmax"
+    assert inc.weight_levels(depthwise=True) == 127 and every.weight_levels(depthwise=True) == 64
+    assert inc.weight_levels(depthwise=False) == 64
 
 
 # --- the gated simulation ----------------------------------------------------------------
 
 
-def _analysis(images: np.ndarray, **planted) -> D.Analysis:
+def _analysis(images: np.ndarray, **planted) -> Analysis:
     model = planted_model(**planted)
-    return D.analyse(model, images, D.QuantScheme.from_section(INC), input_name="data", output_name="fc1")
+    return analyse(model, images, QuantScheme.from_section(INC), input_name="data", output_name="fc1")
 
 
 def test_gated_model_with_every_switch_off_is_exactly_the_fp32_model(images: np.ndarray):
     an = _analysis(images)
-    gated = D.build_gated_model(an.view, an.nodes, an.ranges, an.scheme)
+    gated = build_gated_model(an.view, an.nodes, an.ranges, an.scheme)
     # Same optimisation level on both sides: fused kernels would differ in the last float bit.
-    plain = D._session(an.view, basic=True).run(["fc1"], {"data": images})[0]
-    off = D._session(gated, basic=True).run(["fc1"], {"data": images, D.GATES: np.zeros(len(an.nodes), np.float32)})[0]
+    plain = session(an.view, optimization="basic").run(["fc1"], {"data": images})[0]
+    off = session(gated, optimization="basic").run(["fc1"], {"data": images, GATES: np.zeros(len(an.nodes), np.float32)})[0]
     np.testing.assert_array_equal(off, plain)
-    on = D._session(gated, basic=True).run(["fc1"], {"data": images, D.GATES: np.ones(len(an.nodes), np.float32)})[0]
+    on = session(gated, optimization="basic").run(["fc1"], {"data": images, GATES: np.ones(len(an.nodes), np.float32)})[0]
     assert not np.allclose(on, plain)
 
 
@@ -126,7 +134,7 @@ def test_piecewise_runs_agree_with_whole_gated_runs(images: np.ndarray):
 
 def test_single_tensor_cuts_are_block_boundaries():
     m = planted_model()
-    cuts = [t for _, t in D.single_tensor_cuts(m.graph, {t.name for t in m.graph.initializer})]
+    cuts = [t for _, t in single_tensor_cuts(m.graph, {t.name for t in m.graph.initializer})]
     assert "conv1_relu" in cuts and "gdc_bn_out" in cuts
     assert "fc1" not in cuts
 
@@ -137,7 +145,7 @@ def test_single_tensor_cuts_are_block_boundaries():
 def test_diagnose_names_the_planted_outlier_pair_and_dead_channels(tmp_path: Path, pairs_bin: Path):
     model = tmp_path / "planted.onnx"
     planted_model(model)
-    res = D.diagnose(
+    res = diagnose(
         model, calib=pairs_bin, input_spec=SPEC, calibration=CALIB, quantization=INC, samples=32, report_dir=tmp_path / "rep"
     )
     kinds = {(f.kind, f.node) for f in res.findings}
@@ -162,7 +170,7 @@ def test_diagnose_names_the_planted_outlier_pair_and_dead_channels(tmp_path: Pat
 def test_clean_model_has_no_high_findings_and_small_errors(images: np.ndarray):
     an = _analysis(images, outliers=False, near_dead=False, dead=False)
     assert [f for f in an.findings if f.severity == "high"] == []
-    rows, err_all = D.sensitivity(an.simulator(32), both=True)
+    rows, err_all = sensitivity(an.simulator(32), both=True)
     assert err_all < 0.02
     assert all(r.gain_if_fp32 is not None for r in rows)
 
@@ -170,15 +178,15 @@ def test_clean_model_has_no_high_findings_and_small_errors(images: np.ndarray):
 def test_a_lost_clip_bound_is_a_finding_only_where_the_engine_loses_it(images: np.ndarray):
     # INC's own reduce_range (127 activation levels) implements Clip(0, 6) by the uint8 clamp at 255.
     m = planted_model(outliers=False, near_dead=False, dead=False, relu6=True)
-    view = D.engine_view(m)
-    nodes = D.quantizable_nodes(view)
-    narrow = D.QuantScheme("inc", 127, 64, True, "wrap", clip_bound_lost=True)
-    found = D.engine_findings(nodes, D._Graph.of(view), narrow)
-    assert [(f.kind, f.node, f.nodes, f.severity) for f in found] == [("clip_bound_lost", D.MODEL_WIDE, ["conv1", "conv2"], "high")]
-    assert D.engine_findings(nodes, D._Graph.of(view), D.QuantScheme.from_section(INC)) == []
+    view = engine_view(m)
+    nodes = quantizable_nodes(view)
+    narrow = QuantScheme("inc", 127, 64, True, "wrap", clip_bound_lost=True)
+    found = engine_findings(nodes, GraphIndex.of(view), narrow)
+    assert [(f.kind, f.node, f.nodes, f.severity) for f in found] == [("clip_bound_lost", MODEL_WIDE, ["conv1", "conv2"], "high")]
+    assert engine_findings(nodes, GraphIndex.of(view), QuantScheme.from_section(INC)) == []
     relu = planted_model(outliers=False, near_dead=False, dead=False)
-    rv = D.engine_view(relu)
-    assert D.engine_findings(D.quantizable_nodes(rv), D._Graph.of(rv), narrow) == []
+    rv = engine_view(relu)
+    assert engine_findings(quantizable_nodes(rv), GraphIndex.of(rv), narrow) == []
 
 
 def test_simulated_error_matches_inc_int8_model(tmp_path: Path, pairs_bin: Path, images: np.ndarray):
@@ -191,10 +199,10 @@ def test_simulated_error_matches_inc_int8_model(tmp_path: Path, pairs_bin: Path,
     r = with_overrides(default_recipe(), {"model.input.size": [SIZE, SIZE], "calibration.samples": 48})
     out = tmp_path / "int8.onnx"
     quantize(fp32, pairs_bin, out, input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization)
-    an = D.analyse(m, images, D.QuantScheme.from_section(r.quantization), input_name="data", output_name="fc1")
+    an = analyse(m, images, QuantScheme.from_section(r.quantization), input_name="data", output_name="fc1")
     sim = an.simulator(len(images))
     simulated = sim.error_of(np.ones(len(an.nodes), np.float32))
-    real = D._cosine_error(sim.reference, D._session(onnx.load(str(out))).run(["fc1"], {"data": images})[0])
+    real = embedding_error(sim.reference, session(onnx.load(str(out))).run(["fc1"], {"data": images})[0])
     assert real > 1e-3, "the planted outliers must cost something"
     assert simulated == pytest.approx(real, rel=0.15)
 
@@ -216,13 +224,13 @@ def _qlinearconv_model(w_scale: float, bias: int) -> onnx.ModelProto:
 
 
 def test_int8_findings_flag_zero_scales_and_saturated_biases():
-    found = D.int8_findings(_qlinearconv_model(0.0, D.INT32_MIN))
+    found = int8_findings(_qlinearconv_model(0.0, INT32_MIN))
     kinds = {(f.kind, f.node, tuple(f.channels)) for f in found}
     assert ("bad_scale", "conv_quant", (0,)) in kinds
     assert ("bias_saturated", "conv_quant", (0,)) in kinds
-    assert D.int8_findings(_qlinearconv_model(0.25, 7)) == []
-    assert D.int8_node_name("conv96_quant", {"conv96"}) == "conv96"
-    assert D.int8_node_name("other_quant", {"conv96"}) == "other_quant"
+    assert int8_findings(_qlinearconv_model(0.25, 7)) == []
+    assert int8_node_name("conv96_quant", {"conv96"}) == "conv96"
+    assert int8_node_name("other_quant", {"conv96"}) == "other_quant"
 
 
 def test_diagnose_of_a_model_without_quantizable_nodes_is_a_user_error(tmp_path: Path, pairs_bin: Path):
@@ -234,7 +242,7 @@ def test_diagnose_of_a_model_without_quantizable_nodes_is_a_user_error(tmp_path:
     path = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)]), str(path))
     with pytest.raises(UserError, match="no node the engines quantize"):
-        D.diagnose(path, calib=pairs_bin, input_spec=SPEC, calibration=CALIB, quantization=INC)
+        diagnose(path, calib=pairs_bin, input_spec=SPEC, calibration=CALIB, quantization=INC)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -261,6 +269,29 @@ def test_cli_diagnose_prints_the_culprits_and_writes_the_report(tmp_path: Path, 
     data = json.loads((tmp_path / "rep" / "diagnose.json").read_text())
     assert data["samples"] == 24 and data["range_samples"] == 40
     assert all(row["error_without"] is None for row in data["sensitivity"])
+
+
+def test_cli_diagnose_works_on_a_model_with_a_fixed_batch_of_one(tmp_path: Path, pairs_bin: Path):
+    model = tmp_path / "batch1.onnx"
+    planted_model(model, batch=1)
+    r = CliRunner().invoke(
+        app, ["diagnose", "--recipe", str(_recipe(tmp_path)), "--fp32", str(model), "--calib", str(pairs_bin), "--report", str(tmp_path / "rep"), "-q"]
+    )
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "rep" / "diagnose.json").read_text())
+    assert data["samples"] == 24 and data["range_samples"] == 40
+    assert {"conv2", "gdc", "embed"} <= set(data["culprits"])
+    # The same findings and errors as with any batch: the batch changes how the faces are fed, not the result.
+    dynamic = tmp_path / "dynamic.onnx"
+    planted_model(dynamic)
+    r = CliRunner().invoke(
+        app, ["diagnose", "--recipe", str(_recipe(tmp_path)), "--fp32", str(dynamic), "--calib", str(pairs_bin), "--report", str(tmp_path / "dyn"), "-q"]
+    )
+    assert r.exit_code == 0, r.output
+    ref = json.loads((tmp_path / "dyn" / "diagnose.json").read_text())
+    assert data["culprits"] == ref["culprits"]
+    assert [f["kind"] for f in data["findings"]] == [f["kind"] for f in ref["findings"]]
+    assert data["error_all_quantized"] == pytest.approx(ref["error_all_quantized"], rel=1e-3)
 
 
 def test_cli_diagnose_user_errors_exit_2(tmp_path: Path, pairs_bin: Path):

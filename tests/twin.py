@@ -10,7 +10,8 @@
 - :func:`planted_model`: a small MobileFaceNet-shaped model (opset 11, dynamic
   batch, 32x32 input) with a planted outlier channel pair in the same place
   (``gdc`` -> ``embed``), a planted near-dead channel (weights ~1e-9 with a
-  large bias, which overflows INC's int32 bias) and an exactly dead channel.
+  large bias, which overflows INC's int32 bias) and an exactly dead channel;
+  optionally with a fixed batch of 1.
 """
 
 from __future__ import annotations
@@ -69,10 +70,12 @@ def planted_model(
     width: int = 16,
     embedding: int = 32,
     relu6: bool = False,
+    batch: int | str = "N",
 ) -> onnx.ModelProto:
     """data [N,3,32,32] raw pixels -> conv1 -> conv2 -> gdc (global depthwise) -> embed (1x1) -> fc1 [N, embedding].
 
     ``relu6``: Clip(0, 6) after conv1 and conv2 instead of Relu, as in MobileFaceNet.
+    ``batch``: the batch dimension, symbolic (any batch) or a fixed number, as some exports have.
     """
     rng = np.random.default_rng(seed)
     inits: list[onnx.TensorProto] = []
@@ -139,8 +142,8 @@ def planted_model(
     nodes.append(helper.make_node("Reshape", [x, const("flat", np.array([0, -1]), np.int64)], ["fc1"], name="flatten"))
     graph = helper.make_graph(
         nodes, "planted",
-        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["N", embedding])],
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, [batch, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [batch, embedding])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
