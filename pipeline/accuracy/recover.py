@@ -2,613 +2,62 @@
 
 The order follows the cost to the user. First the int8 model the recipe asks
 for is scored on an evaluation subset (whole folds of the verification pairs,
-the insightface protocol). If it misses the target the model is diagnosed
-(:mod:`pipeline.accuracy.diagnose`) and root causes are repaired where the function
-stays the same and the engine allows:
-
-* **cross-layer equalisation** (Nagel et al., *Data-Free Quantization*, 2019):
-  where an activation's uint8 range is set by a few outlier channels and the
-  tensor runs through a linear pair ``Conv A -> [BatchNormalization] ->
-  [Relu/PRelu] -> Conv B`` and nowhere else, channel ``c`` of A (weights,
-  bias, BatchNormalization mean and beta) is divided by ``s_c`` and B's input
-  channel ``c`` multiplied by it, with ``s_c = sqrt(r_act_c / r_B_c)``, which
-  leaves the activation and B's weight columns the same range
-  ``sqrt(r_act_c * r_B_c)``;
-* **near-dead channels**: output channels whose weights are so small that the
-  int32 bias overflows at scale ``x_scale * w_scale`` are zeroed exactly, so the
-  engine gives them its placeholder scale and keeps their bias;
-* engine settings, kept only if they add accuracy: **per-channel weights** when
-  per-channel weight ranges differ by orders of magnitude under one scale per
-  tensor, **8-bit activations** when INC's reduce_range loses Clip bounds, and
-  **percentile calibration** when outlier ranges remain that no pair absorbs.
-
-Every rewrite is checked: the repaired fp32 model must give the same
-embeddings as the original (cosine >= ``convert.min_cosine`` on calibration
-faces). Then, if still needed, nodes go back to fp32 greedily
+the insightface protocol, :mod:`pipeline.accuracy.evaluator`). If it misses
+the target the model is diagnosed (:mod:`pipeline.accuracy.diagnose`) and
+root causes are repaired where the function stays the same and the engine
+allows (:mod:`pipeline.accuracy.repairs`): cross-layer equalisation of
+outlier channels, zeroed near-dead channels, and engine settings kept only if
+they add accuracy. Every rewrite is checked: the repaired fp32 model must give
+the same embeddings as the original (cosine >= ``convert.min_cosine`` on
+calibration faces). Then, if still needed, nodes go back to fp32 greedily
 (``quantization.nodes_to_exclude``), steered by the diagnosis's simulation
-(see :func:`_fallback`). A candidate that meets the target on the subset is
-re-checked on the pairs the verify gate uses (``recovery.confirm``): a
-1,200-pair subset cannot certify a 0.1-point target on its own. Recovery stops
-at the first candidate within the target; the result names what was repaired,
-which nodes stayed fp32, each attempt's accuracy, the latency cost, and the
-recipe keys that reproduce the int8 model.
+(:mod:`pipeline.accuracy.fallback`). A candidate that meets the target on the
+subset is re-checked on the pairs the verify gate uses (``recovery.confirm``):
+a 1,200-pair subset cannot certify a 0.1-point target on its own. Recovery
+stops at the first candidate within the target; the result names what was
+repaired, which nodes stayed fp32, each attempt's accuracy, the latency cost,
+and the recipe keys that reproduce the int8 model.
+
+Every candidate is a plain run of the quantize stage. Recovery writes the
+chosen int8 model, its reports and the repaired fp32 model; the manifest
+beside them is the caller's (:mod:`pipeline.build.int8`), from the returned
+result.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from pipeline.accuracy import diagnose as D
+from pipeline.accuracy.diagnose import Analysis, DiagnoseResult, analyse, write_report
+from pipeline.accuracy.evaluator import Evaluator, subset_pairs
+from pipeline.accuracy.fallback import greedy_fallback
+from pipeline.accuracy.findings import Finding, int8_model_findings
+from pipeline.accuracy.ranges import calibration_images
+from pipeline.accuracy.recovery_report import Attempt, RecoverResult, markdown
+from pipeline.accuracy.repairs import Repair, equivalence_check, plan_repairs
+from pipeline.accuracy.simulate import sensitivity
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_path, atomic_write_json, atomic_write_text, require_file
 from pipeline.core.progress import NULL_PROGRESS, Progress
+from pipeline.stages.quantize.scheme import QuantScheme
+from pipeline.stages.quantize.stage import quantize
 
 if TYPE_CHECKING:
-    from pipeline.stages.quantize.stage import QuantizeResult
     from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection, Recipe
+    from pipeline.stages.quantize.stage import QuantizeResult
 
-# Activations that commute with a positive per-channel scale: f(x / s) = f(x) / s.
-HOMOGENEOUS = {"Relu", "PRelu", "LeakyRelu"}
 
-
-# --- cross-layer equalisation -----------------------------------------------------------
-
-
-@dataclass
-class LinearPair:
-    """``first`` (Conv) -> [BatchNormalization] -> [homogeneous activation] -> ``second`` (Conv).
-
-    ``tensor`` is the value entering ``second``: the activation being equalised.
-    """
-
-    first: str
-    second: str
-    tensor: str
-    batchnorm: str | None = None
-    activation: str | None = None
-
-
-def _initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in model.graph.initializer}
-
-
-def find_linear_pair(model: onnx.ModelProto, tensor: str) -> LinearPair | None:
-    """The linear pair that ``tensor`` sits inside, or None when rescaling its channels would change the function."""
-    g = D._Graph.of(model)
-    inits = g.inits
-
-    def sole_consumer(t: str) -> onnx.NodeProto | None:
-        users = g.consumers.get(t, [])
-        return users[0] if len(users) == 1 and t not in g.outputs else None
-
-    second = sole_consumer(tensor)
-    if second is None or second.op_type != "Conv" or second.input[0] != tensor or second.input[1] not in inits:
-        return None
-    node = g.producer.get(tensor)
-    activation = batchnorm = None
-    if node is not None and node.op_type in HOMOGENEOUS:
-        if node.op_type == "PRelu" and node.input[1] not in inits:
-            return None
-        activation = node.name
-        if sole_consumer(node.input[0]) is None:
-            return None
-        node = g.producer.get(node.input[0])
-    if node is not None and node.op_type == "BatchNormalization":
-        if len(node.output) > 1 and any(node.output[1:]) or any(i not in inits for i in node.input[1:5]):
-            return None
-        batchnorm = node.name
-        if sole_consumer(node.input[0]) is None:
-            return None
-        node = g.producer.get(node.input[0])
-    if node is None or node.op_type != "Conv" or node.input[1] not in inits:
-        return None
-    if len(node.input) > 2 and node.input[2] and node.input[2] not in inits:
-        return None
-    return LinearPair(node.name, second.name, tensor, batchnorm, activation)
-
-
-def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
-    return next(n for n in model.graph.node if n.name == name)
-
-
-def _group(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)
-
-
-def _set(inits: dict[str, onnx.TensorProto], name: str, value: np.ndarray) -> None:
-    inits[name].CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(inits[name]).dtype), name))
-
-
-def equalize_pair(model: onnx.ModelProto, pair: LinearPair, act_range: np.ndarray) -> np.ndarray:
-    """Rescale the pair's channels in place; returns the scales ``s`` (activation channel c is divided by s[c]).
-
-    ``act_range``: per-channel range (max(hi, 0) - min(lo, 0)) of ``pair.tensor`` on calibration faces.
-    """
-    inits = _initializer_map(model)
-    first, second = _node(model, pair.first), _node(model, pair.second)
-    w1 = numpy_helper.to_array(inits[first.input[1]]).astype(np.float64)
-    w2 = numpy_helper.to_array(inits[second.input[1]]).astype(np.float64)
-    channels = w1.shape[0]
-    groups = _group(second)
-    per_group = w2.shape[1]
-    if per_group * groups != channels or act_range.shape[0] != channels:
-        raise UserError(f"cannot equalise {pair.first} -> {pair.second}: {channels} channels do not match {second.name}'s input")
-    # Range of each input channel of the second conv over every output channel and tap that reads it.
-    r2 = np.zeros(channels)
-    out_per_group = w2.shape[0] // groups
-    for c in range(channels):
-        grp, k = divmod(c, per_group)
-        r2[c] = np.max(np.abs(w2[grp * out_per_group : (grp + 1) * out_per_group, k]))
-    r1 = np.asarray(act_range, dtype=np.float64)
-    s = np.ones(channels)
-    ok = (r1 > 0) & (r2 > 0)
-    s[ok] = np.sqrt(r1[ok] / r2[ok])
-    if ok.any():
-        # Channels the second conv ignores are brought to the common level rather than left as outliers.
-        level = float(np.median(np.sqrt(r1[ok] * r2[ok])))
-        ignored = (r1 > 0) & (r2 == 0)
-        s[ignored] = r1[ignored] / level
-    s = s.astype(np.float32).astype(np.float64)  # representable scales keep the rescale exact to float rounding
-
-    shape1 = (-1,) + (1,) * (w1.ndim - 1)
-    _set(inits, first.input[1], w1 / s.reshape(shape1))
-    if len(first.input) > 2 and first.input[2]:
-        _set(inits, first.input[2], numpy_helper.to_array(inits[first.input[2]]) / s)
-    if pair.batchnorm:
-        bn = _node(model, pair.batchnorm)
-        # y = gamma (x - mean) / sqrt(var + eps) + beta: x / s and y / s need mean / s and beta / s.
-        _set(inits, bn.input[2], numpy_helper.to_array(inits[bn.input[2]]) / s)
-        _set(inits, bn.input[3], numpy_helper.to_array(inits[bn.input[3]]) / s)
-    if pair.activation:
-        act = _node(model, pair.activation)
-        if act.op_type == "PRelu":
-            slope = numpy_helper.to_array(inits[act.input[1]])
-            if slope.size not in (1, channels):
-                raise UserError(f"cannot equalise through {act.name}: PRelu slope of shape {slope.shape}")
-    w2n = w2.copy()
-    for c in range(channels):
-        grp, k = divmod(c, per_group)
-        w2n[grp * out_per_group : (grp + 1) * out_per_group, k] *= s[c]
-    _set(inits, second.input[1], w2n)
-    return s
-
-
-def zero_channels(model: onnx.ModelProto, conv: str, channels: Sequence[int]) -> None:
-    """Set the weights of ``conv``'s output ``channels`` to exactly zero (their bias stays)."""
-    inits = _initializer_map(model)
-    node = _node(model, conv)
-    w = numpy_helper.to_array(inits[node.input[1]]).copy()
-    w[list(channels)] = 0
-    _set(inits, node.input[1], w)
-
-
-# --- evaluation on the subset ---------------------------------------------------------------
-
-
-def subset_pairs(num_pairs: int, eval_pairs: int, folds: int) -> int:
-    """``eval_pairs`` rounded up to whole folds of the full set (LFW: 600 pairs, 300 same + 300 different)."""
-    if eval_pairs <= 0:
-        raise UserError(f"quantization.recovery.eval_pairs must be positive, got {eval_pairs}")
-    fold = num_pairs // folds
-    if fold == 0:
-        return num_pairs
-    return min(num_pairs, math.ceil(eval_pairs / fold) * fold)
-
-
-class Evaluator:
-    """fp32 vs candidate accuracy (insightface protocol) on the first ``pairs`` pairs, and on the first
-    ``confirm_pairs`` (the verify gate's set) for candidates that pass there.
-
-    A subset of 1,200 pairs screens candidates cheaply but cannot certify a 0.1-point target: one pair
-    is 0.08 points, and a handful of pairs decided differently by the two models moves the figure by
-    more than the target. The fp32 embeddings are computed once, for the larger set.
-    """
-
-    def __init__(
-        self, fp32: Path, pairs_bin: Any, spec: "InputSpec", *, pairs: int, confirm_pairs: int | None = None, folds: int = 10,
-        flip: bool = True, batch: int = 16, threads: int | None = None, cache_dir: Path | None = None, progress: Progress | None = None,
-    ) -> None:
-        from pipeline.eval import protocol as metrics
-        from pipeline.stages.verify import embed_pairs
-
-        self.bin = pairs_bin
-        self.spec = spec
-        self.pairs = pairs
-        self.confirm_pairs = confirm_pairs if confirm_pairs is not None and confirm_pairs > pairs else None
-        self.folds = folds
-        self.flip = flip
-        self.batch = batch
-        self.threads = threads
-        self.progress = progress or NULL_PROGRESS
-        if pairs < folds:
-            raise UserError(f"recovery needs at least {folds} verification pairs to score accuracy; {pairs_bin.path} has {pairs}")
-        n = self.confirm_pairs or pairs
-        # The verify stage's cache key (same model, data, preprocessing, flip and pairs): verify reuses these.
-        self.fp32_emb = embed_pairs(
-            fp32, pairs_bin, input_spec=spec, flip=flip, batch=batch, pairs=n, threads=threads, cache_dir=cache_dir, progress=self.progress
-        )
-        self.fp32 = metrics.evaluate(self.fp32_emb[0 : 2 * pairs : 2], self.fp32_emb[1 : 2 * pairs : 2], pairs_bin.issame[:pairs], folds=folds)
-        self.fp32_confirm = (
-            metrics.evaluate(self.fp32_emb[0::2], self.fp32_emb[1::2], pairs_bin.issame[:n], folds=folds) if self.confirm_pairs else None
-        )
-        self._last: tuple[Path, np.ndarray] | None = None  # the last subset embeddings, for a confirmation
-
-
-    def _embed(self, model: Path, start: int, stop: int) -> np.ndarray:
-        from pipeline.stages.verify import embed_pairs
-
-        view = self.bin if start == 0 else _PairsFrom(self.bin, start)
-        return embed_pairs(
-            model, view, input_spec=self.spec, flip=self.flip, batch=self.batch, pairs=stop - start, threads=self.threads,
-            progress=self.progress,
-        )
-
-    def score(self, model: Path, *, confirm: bool = False) -> dict[str, Any]:
-        """Accuracy, drop and embedding cosine to fp32 on the subset (or, with ``confirm``, the gate's set)."""
-        from pipeline.eval import protocol as metrics
-
-        n = self.confirm_pairs if confirm and self.confirm_pairs else self.pairs
-        ref = self.fp32_confirm if confirm and self.confirm_pairs else self.fp32
-        if confirm and self._last is not None and self._last[0] == model:
-            # The subset is the gate set's first folds: only the rest is embedded again.
-            emb = np.concatenate([self._last[1], self._embed(model, self.pairs, n)])
-        else:
-            emb = self._embed(model, 0, n)
-        self._last = (model, emb[: 2 * self.pairs]) if not confirm else None
-        m = metrics.evaluate(emb[0::2], emb[1::2], self.bin.issame[:n], folds=self.folds)
-        cos = np.sum(emb * self.fp32_emb[: 2 * n], axis=1)  # both L2-normalised
-        cos = np.where(np.isfinite(cos), cos, -1.0)
-        return {
-            "pairs": n,
-            "accuracy": float(m.accuracy),
-            "accuracy_std": float(m.accuracy_std),
-            "drop": float(ref.accuracy - m.accuracy),
-            "cosine_mean": float(np.mean(cos)),
-            "cosine_min": float(np.min(cos)),
-        }
-
-
-class _PairsFrom:
-    """The pairs of a verification set from pair ``start`` on, for :func:`pipeline.stages.verify.embed_pairs` (no cache)."""
-
-    def __init__(self, pairs_bin: Any, start: int) -> None:
-        self._bin = pairs_bin
-        self._offset = 2 * start
-        self.num_pairs = pairs_bin.num_pairs - start
-        self.num_images = 2 * self.num_pairs
-        self.path = pairs_bin.path
-
-    def decode_many(self, idx: Sequence[int]) -> np.ndarray:
-        return self._bin.decode_many([int(i) + self._offset for i in idx])
-
-
-# --- results ------------------------------------------------------------------------------
-
-
-@dataclass
-class Repair:
-    """A function-preserving rewrite of the fp32 model, or a change of engine setting."""
-
-    kind: str  # equalize | near_dead_channels | per_channel | calibration_method
-    nodes: list[str]
-    detail: str
-    setting: dict[str, Any] = field(default_factory=dict)  # recipe keys it changes
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Attempt:
-    """One int8 candidate and its score on the evaluation subset."""
-
-    label: str
-    nodes_fp32: list[str]
-    repairs: list[str]
-    settings: dict[str, Any]
-    accuracy: float
-    accuracy_std: float
-    drop: float
-    within_target: bool
-    cosine_mean: float
-    cosine_min: float
-    simulated_error: float | None
-    seconds: float
-    # On the verify gate's pairs, for a candidate that met the target on the subset.
-    confirm_pairs: int | None = None
-    confirm_accuracy: float | None = None
-    confirm_drop: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class RecoverResult:
-    """What recovery did. Accuracies in percent on the evaluation subset; drops in points."""
-
-    output: Path
-    target: float
-    eval_pairs: int
-    total_pairs: int
-    fp32_accuracy: float
-    within_target: bool
-    attempts: list[Attempt]
-    final: Attempt
-    repairs: list[Repair]
-    nodes_fp32: list[str]
-    recipe_changes: dict[str, Any]
-    diagnosis: dict[str, Any] | None
-    speed: dict[str, Any] | None
-    repaired_model: Path | None
-    quantize: "QuantizeResult"
-    seconds: float
-    warnings: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    report_json: Path | None = None
-    report_md: Path | None = None
-
-    @property
-    def baseline(self) -> Attempt:
-        return self.attempts[0]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "output": str(self.output),
-            "target_max_accuracy_drop": self.target,
-            "eval_pairs": self.eval_pairs,
-            "total_pairs": self.total_pairs,
-            "fp32_accuracy": self.fp32_accuracy,
-            "within_target": self.within_target,
-            "baseline": self.baseline.to_dict(),
-            "final": self.final.to_dict(),
-            "attempts": [a.to_dict() for a in self.attempts],
-            "repairs": [r.to_dict() for r in self.repairs],
-            "nodes_fp32": list(self.nodes_fp32),
-            "recipe_changes": self.recipe_changes,
-            "diagnosis": self.diagnosis,
-            "speed": self.speed,
-            "repaired_model": str(self.repaired_model) if self.repaired_model else None,
-            "quantize": {k: v for k, v in self.quantize.to_dict().items() if k != "recovery"},
-            "seconds": round(self.seconds, 3),
-            "timings": {k: round(v, 3) for k, v in self.timings.items()},
-            "warnings": list(self.warnings),
-            "report_json": str(self.report_json) if self.report_json else None,
-            "report_md": str(self.report_md) if self.report_md else None,
-        }
-
-    def summary(self) -> list[str]:
-        b, f = self.baseline, self.final
-        lines = [
-            f"recovery on {self.eval_pairs} of {self.total_pairs} pairs: fp32 {self.fp32_accuracy:.2f}, "
-            f"int8 {b.accuracy:.2f} (drop {b.drop:+.2f}) -> {f.accuracy:.2f} (drop {f.drop:+.2f}); target <= {self.target:g} points: "
-            + ("met" if self.within_target else "NOT met"),
-        ]
-        if f.confirm_drop is not None:
-            lines.append(f"on the gate's {f.confirm_pairs} pairs: int8 {f.confirm_accuracy:.2f} (drop {f.confirm_drop:+.2f})")
-        for r in self.repairs:
-            lines.append(f"repaired: {r.kind}: {r.detail}")
-        lines.append(f"left in fp32: {', '.join(self.nodes_fp32) if self.nodes_fp32 else 'none'}")
-        if self.speed:
-            s = self.speed
-            lines.append(
-                f"speed: int8 {s['final_speedup']:.2f}x fp32 after recovery"
-                + (f" (recipe's int8 {s['baseline_speedup']:.2f}x)" if s.get("baseline_speedup") is not None else "")
-                + (f"; cost: {s['cost']}" if s.get("cost") else "")
-            )
-        if self.diagnosis:
-            lines.append(f"diagnosis: suspects {', '.join(self.diagnosis.get('culprits', [])[:5])}")
-        lines += [f"warning: {w}" for w in self.warnings]
-        return lines
-
-
-def markdown(res: RecoverResult) -> str:
-    out = [
-        "# Accuracy recovery",
-        "",
-        f"- target: int8 within {res.target:g} points of fp32 on the evaluation subset "
-        f"({res.eval_pairs} of {res.total_pairs} pairs, whole folds, insightface protocol)",
-        f"- fp32 accuracy on the subset: {res.fp32_accuracy:.2f}",
-        f"- result: {'within target' if res.within_target else 'target NOT reached (best attempt kept)'}: "
-        f"int8 {res.final.accuracy:.2f} (drop {res.final.drop:+.2f}) on the subset"
-        + (
-            f", {res.final.confirm_accuracy:.2f} (drop {res.final.confirm_drop:+.2f}) on the gate's {res.final.confirm_pairs} pairs"
-            if res.final.confirm_drop is not None else ""
-        )
-        + f"; written to `{res.output}`",
-        f"- left in fp32: {', '.join(f'`{n}`' for n in res.nodes_fp32) or 'none'}",
-        "",
-        "## Repairs",
-        "",
-    ]
-    out += [f"- **{r.kind}** ({', '.join(f'`{n}`' for n in r.nodes)}): {r.detail}" for r in res.repairs] or ["None."]
-    out += [
-        "", "## Attempts", "",
-        f"Accuracy and drop on the {res.eval_pairs}-pair subset; a candidate within the target there is re-checked on the "
-        "verify gate's pairs (last column) before recovery stops. Simulated error: 1 - cosine to fp32 predicted by the diagnosis.",
-        "",
-        "| # | attempt | fp32 nodes | accuracy | drop | cosine mean / min | simulated error | within | s | on the gate's pairs |",
-        "| ---: | --- | ---: | ---: | ---: | --- | ---: | --- | ---: | --- |",
-    ]
-    for i, a in enumerate(res.attempts):
-        sim = "" if a.simulated_error is None else f"{a.simulated_error:.2e}"
-        gate = "" if a.confirm_drop is None else f"{a.confirm_accuracy:.2f} (drop {a.confirm_drop:+.2f}, {a.confirm_pairs} pairs)"
-        out.append(
-            f"| {i} | {a.label} | {len(a.nodes_fp32)} | {a.accuracy:.2f} +- {a.accuracy_std:.2f} | {a.drop:+.2f} | "
-            f"{a.cosine_mean:.5f} / {a.cosine_min:.4f} | {sim} | {'yes' if a.within_target else 'no'} | {a.seconds:.0f} | {gate} |"
-        )
-    if res.speed:
-        s = res.speed
-        out += ["", "## Speed", "", f"Batch-1 latency, interleaved rounds, {s.get('threads')} threads:", ""]
-        out.append(f"- after recovery: fp32 {s['fp32_ms']:.2f} ms, int8 {s['final_ms']:.2f} ms: **{s['final_speedup']:.2f}x**")
-        if s.get("baseline_speedup") is not None:
-            out.append(f"- the recipe's int8 (no recovery): {s['baseline_ms']:.2f} ms: {s['baseline_speedup']:.2f}x")
-        if s.get("cost"):
-            out.append(f"- speed cost of recovery: {s['cost']}")
-        if s.get("note"):
-            out.append(f"- {s['note']}")
-    if res.recipe_changes:
-        on = f"the repaired fp32 model `{res.repaired_model}`" if res.repaired_model else "your fp32 model"
-        out += ["", "## Recipe keys of the result", "", f"Quantizing {on} with these settings gives this int8 model:", "",
-                "```json", json.dumps(res.recipe_changes, indent=2), "```"]
-    if res.timings:
-        out += ["", "## Time", "", f"{res.seconds:.0f} s in all: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in res.timings.items())]
-    if res.diagnosis:
-        out += ["", "## Diagnosis of the recipe's int8", ""]
-        out += [f"- suspects: {', '.join(f'`{c}`' for c in res.diagnosis.get('culprits', []))}"]
-        for f in res.diagnosis.get("findings", []):
-            if f["severity"] != "info":
-                out.append(f"- {f['severity']}: `{f['node']}` {f['kind']}: {f['message']}")
-        out += ["", "| rank | node | op | error, only this int8 |", "| ---: | --- | --- | ---: |"]
-        for r in res.diagnosis.get("sensitivity", [])[:15]:
-            out.append(f"| {r['rank']} | `{r['node']}` | {r['op_type']} | {r['error_alone']:.2e} |")
-    if res.warnings:
-        out += ["", "## Warnings", ""] + [f"- {w}" for w in res.warnings]
-    return "\n".join(out) + "\n"
-
-
-# --- the stage ------------------------------------------------------------------------------
-
-
-def _cosine_check(original: onnx.ModelProto, repaired: onnx.ModelProto, images: np.ndarray, input_name: str, output_name: str) -> float:
-    from pipeline.runtime.graph import cosine_rows
-
-    a = np.concatenate([D._session(original).run([output_name], {input_name: x})[0] for x in D._batches(images, 16)])
-    b = np.concatenate([D._session(repaired).run([output_name], {input_name: x})[0] for x in D._batches(images, 16)])
-    c = cosine_rows(a, b)
-    return float(np.min(np.where(np.isfinite(c), c, -1.0)))
-
-
-def plan_repairs(
-    model: onnx.ModelProto,
-    findings: Sequence[D.Finding],
-    stats: dict[str, D.TensorStats],
-    scheme: D.QuantScheme,
-    quantization: "QuantizationSection",
-    *,
-    check: Callable[[onnx.ModelProto], float],
-    min_cosine: float,
-    progress: Progress | None = None,
-) -> tuple[onnx.ModelProto, list[Repair], list[str]]:
-    """Apply the repairs the findings call for, each kept only if the function stays the same.
-
-    ``check(model)`` returns the worst embedding cosine of ``model`` against the
-    original on calibration faces. Returns (repaired model, repairs, notes).
-    """
-    progress = progress or NULL_PROGRESS
-    repaired = onnx.ModelProto()
-    repaired.CopyFrom(model)
-    repairs: list[Repair] = []
-    notes: list[str] = []
-    unrepaired_outliers: list[D.Finding] = []
-
-    for f in findings:
-        if f.kind != "activation_outliers" or f.severity != "high" or f.tensor is None:
-            continue
-        pair = find_linear_pair(repaired, f.tensor)
-        st = stats.get(f.tensor)
-        if pair is None or st is None or st.ch_hi is None or st.ch_lo is None:
-            unrepaired_outliers.append(f)
-            notes.append(f"{f.tensor}: outlier channels but no linear pair to equalise across (it feeds more than one conv, or a non-linearity)")
-            continue
-        trial = onnx.ModelProto()
-        trial.CopyFrom(repaired)
-        act_range = np.maximum(st.ch_hi, 0) - np.minimum(st.ch_lo, 0)
-        try:
-            s = equalize_pair(trial, pair, act_range)
-        except UserError as e:
-            unrepaired_outliers.append(f)
-            notes.append(str(e))
-            continue
-        worst = check(trial)
-        if worst < min_cosine:
-            unrepaired_outliers.append(f)
-            notes.append(f"equalising {pair.first} -> {pair.second} changed the embeddings (worst cosine {worst:.7f}); not used")
-            continue
-        repaired = trial
-        new_ratio = _range_ratio(act_range / s)
-        repairs.append(
-            Repair(
-                "equalize", [pair.first, pair.second],
-                f"cross-layer equalisation of {pair.first} -> {pair.second} through {f.tensor}: its range was {f.value:.0f}x the "
-                f"median channel's (channels {', '.join(map(str, f.channels[:8]))}{' ...' if len(f.channels) > 8 else ''}), now "
-                f"{new_ratio:.1f}x; channel scales {s.min():.3g} .. {s.max():.3g}; worst embedding cosine {worst:.7f}",
-            )
-        )
-        progress.log(f"repaired: equalised {pair.first} -> {pair.second}")
-
-    overflow = [f for f in findings if f.kind == "bias_overflow"]
-    if overflow:
-        trial = onnx.ModelProto()
-        trial.CopyFrom(repaired)
-        for f in overflow:
-            zero_channels(trial, f.node, f.channels)
-        worst = check(trial)
-        if worst >= min_cosine:
-            repaired = trial
-            repairs.append(
-                Repair(
-                    "near_dead_channels", [f.node for f in overflow],
-                    "zeroed the near-zero weights of channels whose int32 bias overflowed ("
-                    + "; ".join(f"{f.node}: {', '.join(map(str, f.channels[:8]))}" for f in overflow)
-                    + f"): the engine gives them its placeholder scale and keeps their bias; worst embedding cosine {worst:.7f}",
-                )
-            )
-        else:
-            notes.append(f"zeroing near-dead channels changed the embeddings (worst cosine {worst:.7f}); not used")
-
-    weight_range = [f for f in findings if f.kind == "weight_range" and f.severity == "high"]
-    if weight_range and not scheme.per_channel:
-        repairs.append(
-            Repair(
-                "per_channel", [f.node for f in weight_range],
-                "per-channel weight scales: per-channel weight ranges differ by up to "
-                f"{max(f.value or 0 for f in weight_range):.0f}x in {len(weight_range)} node(s)",
-                {"quantization.per_channel": True},
-            )
-        )
-    clip = [f for f in findings if f.kind == "clip_bound_lost"]
-    if clip and getattr(quantization, "reduce_range", False):
-        repairs.append(
-            Repair(
-                "reduce_range", clip[0].nodes,
-                f"8-bit activations (quantization.reduce_range: false): with reduce_range INC quantizes activations to 127 "
-                f"levels and its fused Clip in {len(clip[0].nodes)} convs keeps only the uint8 clamp at 255, so Clip(0, 6) "
-                "passed values up to about 12. Weights become 8-bit too; onnxruntime's u8s8 kernels on CPUs without VNNI "
-                "can saturate, which the evaluation on this machine includes",
-                {"quantization.reduce_range": False},
-            )
-        )
-    if unrepaired_outliers and quantization.calibration_method == "minmax":
-        repairs.append(
-            Repair(
-                "calibration_method", [f.node for f in unrepaired_outliers],
-                "percentile calibration: outlier activation ranges that no linear pair absorbs",
-                {"quantization.calibration_method": "percentile"},
-            )
-        )
-    return repaired, repairs, notes
-
-
-def _range_ratio(ch_range: np.ndarray) -> float:
-    live = ch_range[ch_range > 0]
-    return float(live.max() / np.median(live)) if live.size else 1.0
-
-
-def _with(q: "QuantizationSection", **changes: Any) -> "QuantizationSection":
-    """A copy of the section with ``changes`` and recovery off (candidates are plain quantizations)."""
+def candidate_settings(q: "QuantizationSection", **changes: Any) -> "QuantizationSection":
+    """A copy of the section with ``changes`` and recovery off: what quantizing a candidate takes, and what reproduces it."""
     data = q.model_dump(mode="python")
     data.update(changes)
     data["recovery"] = {**data["recovery"], "enabled": False}
@@ -644,12 +93,9 @@ class _Recovery:
     """One recovery run: the candidates so far and the steps that make new ones."""
 
     def __init__(self, setup: _Setup, evaluator: Evaluator) -> None:
-        from pipeline.stages.quantize.stage import quantize
-
         self.s = setup
         self.rec = setup.q0.recovery
         self.evaluator = evaluator
-        self.quantize = quantize
         self.attempts: list[Attempt] = []
         self.paths: list[Path] = []  # int8 file of each attempt
         self.settings: list[tuple[Path, "QuantizationSection"]] = []  # fp32 model and settings of each attempt
@@ -667,12 +113,12 @@ class _Recovery:
     @property
     def images(self) -> np.ndarray:
         if self._images is None:
-            self._images = D.calibration_images(self.s.calib, self.s.spec, self.s.calibration, self.s.input_name)
+            self._images = calibration_images(self.s.calib, self.s.spec, self.s.calibration, self.s.input_name)
         return self._images
 
-    def analyse(self, model: onnx.ModelProto, q: "QuantizationSection") -> D.Analysis:
-        return D.analyse(
-            model, self.images, D.QuantScheme.from_section(q), input_name=self.s.input_name, output_name=self.s.output_name,
+    def analyse(self, model: onnx.ModelProto, q: "QuantizationSection") -> Analysis:
+        return analyse(
+            model, self.images, QuantScheme.from_section(q), input_name=self.s.input_name, output_name=self.s.output_name,
             progress=self.s.progress,
         )
 
@@ -688,7 +134,7 @@ class _Recovery:
         else:
             path = self.s.work / f"candidate{len(self.attempts)}" / "int8.onnx"
             recipe = self.s.recipe.model_copy(update={"quantization": q}) if self.s.recipe is not None else None
-            qres = self.quantize(
+            qres = quantize(
                 fp32, self.s.calib, path, input_spec=self.s.spec, calibration=self.s.calibration, quantization=q, recipe=recipe,
                 source_model=self.s.source_model, progress=self.s.progress,
             )
@@ -726,36 +172,33 @@ class _Recovery:
         within = [i for i, a in enumerate(self.attempts) if a.within_target]
         if within:
             return within[0]
-        return min(range(len(self.attempts)), key=lambda i: (_drop(self.attempts[i]), len(self.attempts[i].nodes_fp32)))
+        return min(range(len(self.attempts)), key=lambda i: (self.attempts[i].best_drop, len(self.attempts[i].nodes_fp32)))
 
     # -- steps --
-    def diagnose(self) -> tuple[D.Analysis, list[D.Finding]]:
+    def diagnose(self) -> tuple[Analysis, list[Finding]]:
         """Findings and sensitivity of the recipe's int8, written as diagnose.json/.md."""
         t0 = time.perf_counter()
         an = self.analyse(self.s.source, self.s.q0)
-        findings = list(an.findings)
-        fp32_names = {n.name for n in self.s.source.graph.node}
-        for f in D.int8_findings(onnx.load(str(self.paths[0]))):
-            f.node = D.int8_node_name(f.node, fp32_names)
-            findings.append(f)
+        findings = list(an.findings) + int8_model_findings(onnx.load(str(self.paths[0])), self.s.source, an.nodes)
         sim = an.simulator(self.rec.sensitivity_samples)
-        rows, err_all = D.sensitivity(sim, both=False, progress=self.s.progress)
+        rows, err_all = sensitivity(sim, both=False, progress=self.s.progress)
         self.attempts[0].simulated_error = err_all
-        res = D.DiagnoseResult(
+        res = DiagnoseResult(
             fp32=self.s.model, int8=None, scheme=an.scheme.to_dict(), samples=len(sim.images), range_samples=len(self.images),
             quantizable=len(an.nodes), error_all=err_all, sensitivity=rows, findings=findings, seconds=0.0,
         )
         res.seconds = time.perf_counter() - t0
-        D.write_report(res, self.s.report_dir)
+        write_report(res, self.s.report_dir)
         self.diagnosis = {k: v for k, v in res.to_dict().items() if k not in ("fp32", "int8")}
         self.timings["diagnosis"] = res.seconds
         return an, findings
 
-    def repair(self, an: D.Analysis, findings: list[D.Finding]) -> tuple[int, D.Analysis]:
+    def repair(self, an: Analysis, findings: list[Finding]) -> tuple[int, Analysis]:
         """Try the repairs; returns the attempt the fp32 fallback should start from, and its analysis."""
         s = self.s
-        images = self.images[: self.rec.sensitivity_samples]
-        check = lambda m: _cosine_check(s.source, m, images, s.input_name, s.output_name)  # noqa: E731
+        check = equivalence_check(
+            s.source, self.images[: self.rec.sensitivity_samples], input_name=s.input_name, output_name=s.output_name
+        )
         repaired, repairs, notes = plan_repairs(
             s.source, findings, an.stats, an.scheme, s.q0, check=check, min_cosine=s.min_cosine, progress=s.progress
         )
@@ -775,7 +218,7 @@ class _Recovery:
             options.append(("repaired", s.q0, model_repairs, repaired))
         if changes:
             label = "repaired + settings" if model_repairs else "settings"
-            options.append((label, _with(s.q0, **changes), repairs, repaired if model_repairs else s.source))
+            options.append((label, candidate_settings(s.q0, **changes), repairs, repaired if model_repairs else s.source))
         current, current_model = 0, s.source
         for label, q, reps, proto in options:
             a = self.candidate(label, fp32 if proto is repaired else s.model, q, reps)
@@ -789,14 +232,21 @@ class _Recovery:
             return 0, an
         return current, self.analyse(current_model, self.settings[current][1])
 
-    def fallback(self, start: int, an: D.Analysis) -> None:
+    def fallback(self, start: int, an: Analysis) -> None:
         fp32, q = self.settings[start]
-        _fallback(self, start, an, fp32, q, self.repair_sets[start], self.rec.max_fp32_nodes, self.rec.sensitivity_samples, self.s.progress)
+        repairs = self.repair_sets[start]
+
+        def try_nodes(names: list[str], simulated: float) -> Attempt:
+            settings = candidate_settings(q, nodes_to_exclude=list(q.nodes_to_exclude) + names)
+            return self.candidate("fp32: " + ", ".join(names), fp32, settings, repairs, simulated=simulated)
+
+        self.timings["fallback_ranking"] = greedy_fallback(
+            an, q.nodes_to_exclude, self.attempts[start], try_nodes, target=self.target, limit=self.rec.max_fp32_nodes,
+            samples=self.rec.sensitivity_samples, progress=self.s.progress,
+        )
 
     def finish(self, quantization: "QuantizationSection", t0: float) -> RecoverResult:
-        """Write the chosen candidate to ``out`` with its manifest and the reports."""
-        from pipeline.stages.quantize.stage import MANIFEST_NAME
-
+        """Write the chosen candidate to ``out`` and the reports."""
         s = self.s
         chosen = self.best()
         final = self.attempts[chosen]
@@ -829,13 +279,7 @@ class _Recovery:
         )
         res.report_json = s.report_dir / "recovery.json"
         res.report_md = s.report_dir / "recovery.md"
-        section = _manifest_section(res)
-        res.quantize = dataclasses.replace(self.results[chosen], output=s.out, manifest=s.out.parent / MANIFEST_NAME, recovery=section)
-        cand_manifest = self.paths[chosen].parent / MANIFEST_NAME
-        manifest = json.loads(cand_manifest.read_text()) if cand_manifest.is_file() else {}
-        manifest.setdefault("files", {}).setdefault("int8", {})["path"] = str(s.out)
-        manifest["recovery"] = section
-        atomic_write_json(s.out.parent / MANIFEST_NAME, manifest)
+        res.quantize = dataclasses.replace(self.results[chosen], output=s.out, recovery=res.manifest_section())
         atomic_write_json(res.report_json, res.to_dict())
         atomic_write_text(res.report_md, markdown(res))
         return res
@@ -862,26 +306,26 @@ def recover(
     Args:
         model: the converted fp32 model.
         calib: calibration faces (``.bin`` or folder), as for :func:`pipeline.stages.quantize.stage.quantize`.
-        out: the int8 model to write; ``manifest.json`` goes beside it (with a ``recovery`` section).
+        out: the int8 model to write. No manifest is written: the result's ``quantize``
+            (the chosen candidate's quantize result, with its ``recovery`` section) says what it is.
         input_spec, calibration, quantization: recipe sections; ``quantization.recovery`` sets the
             target (``max_accuracy_drop``, default ``gate.max_accuracy_drop``), ``eval_pairs``,
             ``max_fp32_nodes``, ``sensitivity_samples`` and ``repair``.
         recipe: the full recipe (the gate's default target, the verification protocol, the
             equivalence threshold ``convert.min_cosine`` that every repair must pass).
-        source_model: the original model, hashed into the manifest.
+        source_model: the original model, passed on to every quantization.
         eval_data: verification pairs (``.bin``) that score the candidates; default ``calib`` when it is a ``.bin``.
-        first: the recipe's int8 model, already written at ``out`` by ``quantize`` (not quantized again).
+        first: the recipe's int8 model as the quantize stage returned it (scored, not quantized again).
         report_dir: where recovery.json/.md and diagnose.json/.md go; default beside ``out``.
         cache_dir: fp32 embedding cache shared with ``qpipe verify`` (same key), or None.
         progress: progress bars and notes.
 
     The best candidate is written even when none reaches the target; ``within_target`` says which.
     """
-    from pipeline.runtime import graph as onnxutil
-    from pipeline.data.bins import VerificationBin, open_images
     from pipeline.core.environment import physical_cores
-    from pipeline.stages.quantize.stage import MANIFEST_NAME
+    from pipeline.data.bins import VerificationBin, open_images
     from pipeline.recipe import ConvertSection, GateSection, VerifySection
+    from pipeline.runtime.graph import find_input, find_output, load_model
 
     progress = progress or NULL_PROGRESS
     t0 = time.perf_counter()
@@ -900,14 +344,14 @@ def recover(
     ev_source = open_images(eval_data if eval_data is not None else calib)
     if not isinstance(ev_source, VerificationBin):
         raise UserError("accuracy recovery needs verification pairs to score its candidates: give a .bin as --calib, not an image folder")
-    if first is not None and not out.is_file():
-        raise UserError(f"recovery was handed the recipe's int8 model at {out}, but there is no such file")
-    source = onnxutil.load_model(model, "fp32 model")
+    if first is not None and not Path(first.output).is_file():
+        raise UserError(f"recovery was handed the recipe's int8 model at {first.output}, but there is no such file")
+    source = load_model(model, "fp32 model")
     out.parent.mkdir(parents=True, exist_ok=True)
     setup = _Setup(
-        model=model, source=source, calib=Path(calib), out=out, spec=input_spec, calibration=calibration, q0=_with(quantization),
-        recipe=recipe, source_model=source_model, input_name=onnxutil.find_input(source, input_spec.name).name,
-        output_name=onnxutil.find_output(source, input_spec.output).name, target=target,
+        model=model, source=source, calib=Path(calib), out=out, spec=input_spec, calibration=calibration, q0=candidate_settings(quantization),
+        recipe=recipe, source_model=source_model, input_name=find_input(source, input_spec.name).name,
+        output_name=find_output(source, input_spec.output).name, target=target,
         min_cosine=(recipe.convert if recipe is not None else ConvertSection()).min_cosine, threads=vs.threads or physical_cores(),
         verify=vs, work=Path(tempfile.mkdtemp(prefix=".qpipe-recover-", dir=out.parent)),
         report_dir=Path(report_dir) if report_dir is not None else out.parent,
@@ -925,13 +369,11 @@ def recover(
         r = _Recovery(setup, evaluator)
         r.timings["fp32_embeddings"] = time.perf_counter() - t_fp32
         if first is not None:
-            # Keep the recipe's int8 and its manifest aside: a candidate may replace them at ``out``.
-            kept = setup.work / "baseline"
-            kept.mkdir()
-            shutil.copyfile(out, kept / "int8.onnx")
-            if Path(first.manifest).is_file():
-                shutil.copyfile(first.manifest, kept / MANIFEST_NAME)
-            r.candidate("recipe's int8", model, setup.q0, [], existing=dataclasses.replace(first, output=kept / "int8.onnx", manifest=kept / MANIFEST_NAME))
+            # A copy: the chosen candidate is written to ``out``, which may be where the recipe's int8 is.
+            kept = setup.work / "baseline" / "int8.onnx"
+            kept.parent.mkdir()
+            shutil.copyfile(first.output, kept)
+            r.candidate("recipe's int8", model, setup.q0, [], existing=dataclasses.replace(first, output=kept))
         else:
             r.candidate("recipe's int8", model, setup.q0, [])
         if not r.attempts[0].within_target:
@@ -947,96 +389,6 @@ def recover(
             setup.repaired_path.unlink()
 
 
-def _drop(a: Attempt) -> float:
-    """The attempt's best-founded drop: on the gate's pairs when it was confirmed there."""
-    return a.confirm_drop if a.confirm_drop is not None else a.drop
-
-
-def _units(an: D.Analysis, pool: Sequence[int]) -> list[tuple[int, ...]]:
-    """Fallback candidates: single nodes, and each node with the nodes sharing one of its int8 tensors.
-
-    A tensor between two int8 nodes stays int8 while either of them is int8, so an
-    outlier tensor is only removed by returning its producer and readers together.
-    """
-    producer = {qn.output: qn.index for qn in an.nodes}
-    units: dict[tuple[int, ...], None] = {}
-    for k in pool:
-        qn = an.nodes[k]
-        units[(k,)] = None
-        if qn.readers:
-            units[tuple(sorted({k, *qn.readers}))] = None
-        for t in qn.activations:
-            if t in producer:
-                p = producer[t]
-                units[tuple(sorted({p, k, *an.nodes[p].readers}))] = None
-    return list(units)
-
-
-def _fallback(
-    r: _Recovery, start: int, an: D.Analysis, fp32: Path, q: "QuantizationSection", repairs: list[Repair], limit: int, samples: int,
-    progress: Progress, pool_size: int = 12,
-) -> None:
-    """Greedy fp32 fallback, steered by the simulation; a real quantize + evaluation only when it predicts success.
-
-    The simulation ranks what returning each node to fp32 would gain with every
-    other node int8, then the same for units: a top node together with the nodes
-    sharing one of its int8 tensors (a tensor stays int8 while either end is
-    int8, so an outlier tensor goes only when its producer and readers go
-    together). Units are added in order of gain per node. The starting attempt's
-    drop (on the gate's pairs when it was confirmed there) fixes the scale
-    between simulated error and accuracy drop, proportionally; a real check runs
-    when the prediction meets the target with a margin, when the simulated error
-    has halved since the last check, or when the budget of nodes or units runs
-    out. Stops at the first real attempt within the target.
-    """
-    sim = an.simulator(max(16, samples // 2))
-    n = len(an.nodes)
-    base = np.ones(n, np.float32)
-    base[an.index(q.nodes_to_exclude)] = 0.0
-    err_base = sim.error_of(base)
-    r.attempts[start].simulated_error = err_base
-
-    def gain(unit: Sequence[int]) -> float:
-        trial = base.copy()
-        trial[list(unit)] = 0.0
-        return err_base - sim.error_of(trial, base=base)
-
-    t_rank = time.perf_counter()
-    with progress.task("ranking fp32 fallback candidates", total=n, unit="nodes") as t:
-        single = {}
-        for k in range(n):
-            if base[k] == 1.0:
-                single[(k,)] = gain((k,))
-            t.advance()
-    pool = [u[0] for u, _ in sorted(single.items(), key=lambda x: -x[1])[:pool_size]]
-    gains = {u: single.get(u) if len(u) == 1 else gain(u) for u in _units(an, pool) if all(base[k] == 1.0 for k in u)}
-    order = [u for u, g in sorted(gains.items(), key=lambda x: (-x[1] / len(x[0]), len(x[0]))) if g is not None and g > 0]
-    r.timings["fallback_ranking"] = time.perf_counter() - t_rank
-
-    gates = base.copy()
-    checked_err, checked_drop = err_base, max(_drop(r.attempts[start]), 1e-6)
-    chosen: list[int] = []
-    for i, unit in enumerate(order):
-        new = [k for k in unit if gates[k] == 1.0]
-        if not new or len(chosen) + len(new) > limit:
-            continue
-        previous = gates.copy()
-        chosen += new
-        gates[new] = 0.0
-        err = sim.error_of(gates, base=previous)
-        predicted = checked_drop * err / checked_err if checked_err > 0 else 0.0
-        more = any(len(chosen) + len([k for k in u if gates[k] == 1.0]) <= limit and any(gates[k] == 1.0 for k in u) for u in order[i + 1 :])
-        if predicted > 0.8 * r.target and err > 0.5 * checked_err and more and len(chosen) < limit:
-            continue
-        names = [an.nodes[k].name for k in chosen]
-        a = r.candidate(
-            "fp32: " + ", ".join(names), fp32, _with(q, nodes_to_exclude=list(q.nodes_to_exclude) + names), repairs, simulated=err
-        )
-        if a.within_target or not more or len(chosen) >= limit:
-            return
-        checked_err, checked_drop = err, max(_drop(a), 1e-6)
-
-
 def _speed(
     fp32: Path, baseline: Path, final: Path, spec: "InputSpec", vs: Any, threads: int, pairs_bin: Any, progress: Progress, *,
     same_kernels: bool,
@@ -1046,8 +398,8 @@ def _speed(
     With no node in fp32 the final model runs the same int8 kernels as the recipe's, so its speed is
     the same by construction and a second measurement would only show the machine's noise.
     """
+    from pipeline.data.preprocess import preprocess
     from pipeline.eval.speed import benchmark
-    from pipeline.data.bins import preprocess
 
     inputs = preprocess(pairs_bin.decode_many(np.arange(min(pairs_bin.num_images, max(1, vs.throughput_batch)))), spec)
     kw = dict(
@@ -1072,34 +424,3 @@ def _speed(
         out["baseline_speedup"] = base.speedup
         out["cost"] = (f"speedup after recovery / speedup of the recipe's int8 = {fin.speedup / base.speedup:.2f}") if base.speedup else None
     return out
-
-
-def _manifest_section(res: RecoverResult) -> dict[str, Any]:
-    from pipeline.core.files import sha256_file
-
-    return {
-        "target_max_accuracy_drop": res.target,
-        "eval_pairs": res.eval_pairs,
-        "fp32_accuracy": res.fp32_accuracy,
-        "within_target": res.within_target,
-        "attempts": [a.to_dict() for a in res.attempts],
-        "final": res.final.label,
-        "repairs": [x.to_dict() for x in res.repairs],
-        "nodes_fp32": res.nodes_fp32,
-        "recipe_changes": res.recipe_changes,
-        "speed": res.speed,
-        "repaired_model": {"path": str(res.repaired_model), "sha256": sha256_file(res.repaired_model)} if res.repaired_model else None,
-        "culprits": (res.diagnosis or {}).get("culprits", []),
-        "summary": res.summary(),
-        "report": str(res.report_md) if res.report_md else None,
-    }
-
-
-def summary_lines(section: dict[str, Any] | None) -> list[str]:
-    """What ``qpipe quantize`` prints about recovery, from ``QuantizeResult.recovery``."""
-    if not section:
-        return []
-    lines = list(section.get("summary") or [])
-    if section.get("report"):
-        lines.append(f"recovery report: {section['report']}")
-    return lines

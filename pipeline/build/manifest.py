@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from pipeline.core.errors import UserError
-from pipeline.core.files import atomic_write_text, sha256_file
+from pipeline.core.files import atomic_write_json, atomic_write_text, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA = "qpipe.artifact-manifest/1"
@@ -120,6 +120,29 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("size"), int):
             raise UserError(f"invalid {path}: file entry {rel!r} needs a sha256 string and an integer size")
     return manifest
+
+
+# --- the int8 model's manifest ---------------------------------------------------
+
+
+def write_quantize_manifest(int8: str | os.PathLike[str], body: dict[str, Any], *, recovery: dict[str, Any] | None = None) -> Path:
+    """Write ``manifest.json`` beside the int8 model ``int8`` (``qpipe quantize``'s manifest); return its path.
+
+    ``body``: what the quantize stage recorded for the model
+    (``QuantizeResult.manifest_body()``); its ``files.int8`` entry is made to name
+    ``int8``, where the model now is (recovery quantizes its candidates elsewhere).
+    ``recovery``: the accuracy recovery's section, when it ran.
+    """
+    path = Path(int8)
+    manifest = dict(body)
+    files = dict(manifest.get("files") or {})
+    files["int8"] = {**(files.get("int8") or {}), "path": str(path)}
+    manifest["files"] = files
+    if recovery is not None:
+        manifest["recovery"] = recovery
+    out = path.parent / MANIFEST_NAME
+    atomic_write_json(out, manifest)
+    return out
 
 
 # --- verification ---------------------------------------------------------------

@@ -523,7 +523,7 @@ def _convert_stage(recipe, state, run_dir, model_path, model_sha, data_path, dat
 
 
 def _quantize_stage(recipe, state, run_dir, source_model, fp32_sha, data_path, data_sha, progress) -> StageRecord:
-    from pipeline.stages.quantize.stage import quantize
+    from pipeline.build.int8 import build_int8
 
     key = _stage_key(
         "quantize", fp32=fp32_sha, data=data_sha,
@@ -531,12 +531,12 @@ def _quantize_stage(recipe, state, run_dir, source_model, fp32_sha, data_path, d
     )
 
     def body(work: Path) -> tuple[dict[str, Any], list[str]]:
-        res = quantize(
+        res = build_int8(
             run_dir / FP32_NAME, data_path, work / INT8_NAME, input_spec=recipe.model.input, calibration=recipe.calibration,
             quantization=recipe.quantization, recipe=recipe, source_model=source_model, progress=progress,
         )
         result = res.to_dict()
-        # quantize's own manifest.json (beside its output) is folded into the artifact manifest.
+        # The int8 step's manifest.json (beside its output) is folded into the artifact manifest.
         stage_manifest = _read_json(work / "manifest.json") or {}
         result["stage_manifest"] = {k: v for k, v in stage_manifest.items() if k not in _STAGE_MANIFEST_DROP}
         result["output"] = INT8_NAME

@@ -211,8 +211,8 @@ def quantize(
     quiet: QuietOpt = False,
 ) -> None:
     """Post-training static int8 quantization (Intel Neural Compressor or onnxruntime), driven by the recipe."""
-    from pipeline.stages.quantize.stage import quantize as run_quantize
-    from pipeline.accuracy.recover import summary_lines as recovery_summary
+    from pipeline.accuracy.recovery_report import summary_lines as recovery_summary
+    from pipeline.build.int8 import build_int8
 
     if model is None or calib is None:
         raise UserError("quantize needs --model (the converted fp32 model) and --calib (a .bin or image folder)")
@@ -227,7 +227,7 @@ def quantize(
             "quantization.recovery.enabled": recover,
         },
     )
-    res = run_quantize(
+    res = build_int8(
         model, calib, out, input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r, progress=_progress(quiet)
     )
     lines = [f"wrote {res.output} ({res.engine}, {res.format}) in {res.seconds:.1f} s, peak {res.peak_rss_mb:.0f} MB"]

@@ -1,0 +1,71 @@
+"""The int8 step: quantize as the recipe says, recover accuracy when the recipe asks, then write the manifest once.
+
+``qpipe quantize`` and the quantize stage of ``qpipe run`` both call
+:func:`build_int8`. The quantize stage writes the recipe's int8 model and
+returns what its manifest records; with ``quantization.recovery.enabled``,
+accuracy recovery starts from that model and may put another candidate at
+``out`` (a repaired fp32 model, nodes back in fp32); the one ``manifest.json``
+beside ``out`` then describes whichever model is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.accuracy.recover import recover
+from pipeline.build.manifest import write_quantize_manifest
+from pipeline.stages.quantize.stage import QuantizeResult, quantize
+
+if TYPE_CHECKING:
+    from pipeline.core.progress import Progress
+    from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection, Recipe
+
+
+def build_int8(
+    model: str | Path,
+    calib: str | Path,
+    out: str | Path,
+    *,
+    input_spec: "InputSpec",
+    calibration: "CalibrationSection",
+    quantization: "QuantizationSection",
+    recipe: "Recipe | None" = None,
+    source_model: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: "Progress | None" = None,
+) -> QuantizeResult:
+    """Quantize ``model`` to ``out``, recovering accuracy when ``quantization.recovery.enabled``; ``manifest.json`` beside ``out``.
+
+    Args:
+        model: the converted fp32 model.
+        calib: calibration faces (``.bin`` or folder).
+        out: the int8 model to write.
+        input_spec, calibration, quantization: recipe sections, as for
+            :func:`pipeline.stages.quantize.stage.quantize`; ``quantization.recovery``
+            switches recovery on and sets its target (:func:`pipeline.accuracy.recover.recover`).
+        recipe: the full recipe, recorded in the manifest.
+        source_model: the original (pre-conversion) model, hashed into the manifest.
+        eval_data: verification pairs for INC's tuning and for scoring recovery's candidates;
+            default ``calib`` when it is a ``.bin``.
+        report_dir: where recovery writes recovery.json/.md and diagnose.json/.md; default beside ``out``.
+        cache_dir: fp32 embedding cache recovery shares with ``qpipe verify``, or None.
+        progress: progress bars and notes.
+
+    Returns the quantize result of the model at ``out``: its ``recovery`` holds the
+    manifest's recovery section when recovery ran, its ``manifest`` the manifest's path.
+    """
+    res = quantize(
+        model, calib, out, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
+        source_model=source_model, eval_data=eval_data, progress=progress,
+    )
+    if quantization.recovery.enabled:
+        res = recover(
+            model, calib, out, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
+            source_model=source_model, eval_data=eval_data, first=res, report_dir=report_dir, cache_dir=cache_dir, progress=progress,
+        ).quantize
+    manifest = write_quantize_manifest(res.output, res.manifest_body(), recovery=res.recovery)
+    return dataclasses.replace(res, manifest=manifest)
