@@ -267,3 +267,11 @@ def test_auc_matches_scikit_learn_when_installed():
     _, _, auc = metrics.roc_curve(dist, issame)
     assert auc == pytest.approx(skm.roc_auc_score(issame, -dist), abs=1e-12)
     assert not math.isnan(auc)
+
+
+def test_cosine_rows_zero_and_non_finite_rows():
+    a = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [np.nan, 1.0], [1.0, 1.0]])
+    b = np.array([[2.0, 0.0], [0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [-1.0, -1.0]])
+    cos = metrics.cosine_rows(a, b)
+    np.testing.assert_allclose(cos[[0, 1, 2, 4]], [1.0, 1.0, 0.0, -1.0])
+    assert np.isnan(cos[3]) and not cos[3] >= -1.0  # NaN fails any threshold

@@ -47,6 +47,28 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / norms
 
 
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b`` (float64).
+
+    Two all-zero rows count as identical (1.0); one zero row against a non-zero one as 0.0.
+    NaN or inf anywhere gives NaN, which fails any ``>=`` threshold.
+    """
+    a = np.asarray(a, np.float64).reshape(len(a), -1)
+    b = np.asarray(b, np.float64).reshape(len(b), -1)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
+    na = np.linalg.norm(a, axis=1)
+    nb = np.linalg.norm(b, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.einsum("ij,ij->i", a, b) / (na * nb)
+    both_zero = (na == 0) & (nb == 0)
+    one_zero = (na == 0) ^ (nb == 0)
+    cos[both_zero] = 1.0
+    cos[one_zero] = 0.0
+    cos[~np.isfinite(a).all(axis=1) | ~np.isfinite(b).all(axis=1)] = np.nan
+    return cos
+
+
 def flip_sum(embeddings: np.ndarray, flipped: np.ndarray | None) -> np.ndarray:
     """The protocol's final embedding: L2-normalise(image embedding + flip embedding), float64."""
     e = np.asarray(embeddings, dtype=np.float64)
@@ -211,7 +233,7 @@ def _check(dist: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return dist, issame
 
 
-def _num(x: float) -> float | None:
+def finite_or_none(x: float) -> float | None:
     # JSON has no NaN: an undefined figure becomes null.
     return float(x) if math.isfinite(x) else None
 
@@ -239,16 +261,16 @@ class VerificationMetrics:
         d = {
             "pairs": self.pairs,
             "folds": self.folds,
-            "accuracy": _num(self.accuracy),
-            "accuracy_std": _num(self.accuracy_std),
-            "fold_accuracies": [_num(a) for a in self.fold_accuracies],
-            "best_thresholds": [_num(t) for t in self.best_thresholds],
-            "threshold_mean": _num(self.threshold_mean),
-            "tar_at_far": _num(self.tar_at_far),
-            "tar_at_far_std": _num(self.tar_at_far_std),
-            "far": _num(self.far),
+            "accuracy": finite_or_none(self.accuracy),
+            "accuracy_std": finite_or_none(self.accuracy_std),
+            "fold_accuracies": [finite_or_none(a) for a in self.fold_accuracies],
+            "best_thresholds": [finite_or_none(t) for t in self.best_thresholds],
+            "threshold_mean": finite_or_none(self.threshold_mean),
+            "tar_at_far": finite_or_none(self.tar_at_far),
+            "tar_at_far_std": finite_or_none(self.tar_at_far_std),
+            "far": finite_or_none(self.far),
             "far_target": self.far_target,
-            "roc_auc": _num(self.roc_auc),
+            "roc_auc": finite_or_none(self.roc_auc),
         }
         if curves:
             d["roc_fpr"] = [float(v) for v in self.roc_fpr]

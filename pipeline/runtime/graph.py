@@ -97,28 +97,6 @@ def find_output(model: onnx.ModelProto, name: str | None = None) -> onnx.ValueIn
     raise UserError(f"the model has no output named {name!r} (outputs: {', '.join(o.name for o in outputs)})")
 
 
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row of ``a`` with the same row of ``b`` (float64).
-
-    Two all-zero rows count as identical (1.0); one zero row against a non-zero one as 0.0.
-    NaN or inf anywhere gives NaN, which fails any ``>=`` threshold.
-    """
-    a = np.asarray(a, np.float64).reshape(len(a), -1)
-    b = np.asarray(b, np.float64).reshape(len(b), -1)
-    if a.shape != b.shape:
-        raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
-    na = np.linalg.norm(a, axis=1)
-    nb = np.linalg.norm(b, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.einsum("ij,ij->i", a, b) / (na * nb)
-    both_zero = (na == 0) & (nb == 0)
-    one_zero = (na == 0) ^ (nb == 0)
-    cos[both_zero] = 1.0
-    cos[one_zero] = 0.0
-    cos[~np.isfinite(a).all(axis=1) | ~np.isfinite(b).all(axis=1)] = np.nan
-    return cos
-
-
 def skeleton(model: onnx.ModelProto, max_elements: int = 4096) -> onnx.ModelProto:
     """The model without its large weights, for cheap shape inference.
 
