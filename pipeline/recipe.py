@@ -32,7 +32,16 @@ class InputSpec(_Section):
     """How a face crop becomes the model's input tensor."""
 
     name: str | None = Field(None, description="Model input name; null: the model's first input.")
-    size: list[int] = Field([112, 112], description="Input height and width in pixels.")
+    size: list[int] = Field(
+        [112, 112],
+        description="Model input height and width in pixels (after crop); a face of another size is resized to it "
+        "(area interpolation when shrinking, bilinear when enlarging).",
+    )
+    crop: list[int] = Field(
+        [0, 0, 0, 0],
+        description="Pixels cut off the top, bottom, left and right of each aligned face (the .bin's images, aligned photos: 112x112) "
+        "before any resize; a 112x96 model (SphereFace/CosFace alignment) takes crop [0, 0, 8, 8] with size [112, 96].",
+    )
     channels: Literal["RGB", "BGR"] = Field("RGB", description="Channel order the model expects.")
     layout: Literal["NCHW"] = Field("NCHW", description="Tensor layout.")
     scale: Literal["raw", "mean_std"] = Field(
@@ -55,6 +64,18 @@ class InputSpec(_Section):
         if len(v) != 3:
             raise ValueError("must have three values, one per channel")
         return v
+
+    @field_validator("crop")
+    @classmethod
+    def _four_margins(cls, v: list[int]) -> list[int]:
+        if len(v) != 4 or min(v) < 0:
+            raise ValueError("must be [top, bottom, left, right] with four pixel counts of 0 or more")
+        return v
+
+    def cropped_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size of a ``height`` x ``width`` face once ``crop`` is cut off (before the resize to ``size``)."""
+        top, bottom, left, right = self.crop
+        return height - top - bottom, width - left - right
 
 
 class Source(_Section):

@@ -1062,7 +1062,7 @@ def quantize(
         # index, not an exception inside the engine (INC prints its own traceback for those).
         for start in range(0, len(data.indices), 64):
             source.decode_many(data.indices[start : start + 64])
-        if source.image_size != tuple(input_spec.size):
+        if input_spec.cropped_size(*source.image_size) != tuple(input_spec.size):
             warnings.append(
                 f"calibration images are {source.image_size[0]}x{source.image_size[1]}, resized to "
                 f"{input_spec.size[0]}x{input_spec.size[1]} (model.input.size)"
