@@ -109,7 +109,11 @@ class ModelSource(Source):
 
 class ConvertSection(_Section):
     opset: int = Field(11, description="Target opset for onnx.version_converter.")
-    dynamic_batch: bool = Field(True, description="Make the batch dimension symbolic so verification can run batches.")
+    dynamic_batch: bool = Field(
+        True,
+        description="Make the batch dimension symbolic (the default for `qpipe convert` and `qpipe run` alike): verification, "
+        "calibration and recovery then run batches; false keeps the batch the model was exported with (every stage also runs such a model).",
+    )
     check_samples: int = Field(8, description="Images run through source and converted model in the equivalence gate.")
     min_cosine: float = Field(0.99999, description="Equivalence gate: every embedding's cosine to the source must reach this.")
 

@@ -13,12 +13,13 @@ from typer.testing import CliRunner
 
 import pipeline.stages.convert as convert_mod
 from pipeline.runtime import graph as onnxutil
+from pipeline.runtime.session import OnnxModel
 from pipeline.cli.app import app
 from pipeline.stages.convert import convert
 from pipeline.core.errors import UserError
 from pipeline.recipe import InputSpec
 from pipeline.stages.synth import synth_model
-from tests.synthdata import synthetic_bin
+from tests.synthdata import face_model, synthetic_bin
 
 SMALL = InputSpec(size=[16, 16])
 
@@ -83,8 +84,7 @@ def _images(n: int, size: int = 16, seed: int = 9) -> np.ndarray:
 
 
 def _embed_each(model, x: np.ndarray, output: str = "emb") -> np.ndarray:
-    sess = onnxutil.session(model)
-    return onnxutil.run(sess, x, input_name="data", output_name=output, batch=1)
+    return OnnxModel(model, input_name="data", output_name=output, nchw=False).run(x)
 
 
 def _assert_clean_opset11(path: Path, input_name: str, output_name: str) -> onnx.ModelProto:
@@ -120,8 +120,8 @@ def r18_twins(tmp_path_factory) -> dict[str, Path]:
 def r18_converted(r18_twins) -> dict[str, convert_mod.ConvertResult]:
     d = r18_twins["dir"]
     return {
-        "spatial1": convert(r18_twins["spatial1"], d / "r18_11.onnx"),
-        "spatial0": convert(r18_twins["spatial0"], d / "r18_spatial0_11.onnx", samples=4),
+        "spatial1": convert(r18_twins["spatial1"], d / "r18_11.onnx", dynamic_batch=False),
+        "spatial0": convert(r18_twins["spatial0"], d / "r18_spatial0_11.onnx", samples=4, dynamic_batch=False),
     }
 
 
@@ -200,12 +200,12 @@ def test_dynamic_batch_fixes_hard_coded_batch_and_runs_a_batch(tmp_path: Path, t
     assert onnxutil.dims(model.graph.input[0]) == ["batch", 3, 16, 16]
     assert onnxutil.dims(model.graph.output[0]) == ["batch", 8]
     x = _images(5)
-    batched = onnxutil.run(onnxutil.session(res.output), x, input_name="data", output_name="emb", batch=5)
+    batched = OnnxModel(res.output, input_name="data", output_name="emb").run(x, batch=5)
     np.testing.assert_allclose(batched, _embed_each(src, x), rtol=1e-5, atol=1e-5)
 
 
 def test_without_dynamic_batch_the_batch_stays_fixed(tmp_path: Path):
-    res = convert(tiny_model(tmp_path / "t.onnx"), tmp_path / "t11.onnx", input_spec=SMALL)
+    res = convert(tiny_model(tmp_path / "t.onnx"), tmp_path / "t11.onnx", input_spec=SMALL, dynamic_batch=False)
     model = onnx.load(str(res.output))
     assert onnxutil.dims(model.graph.input[0]) == [1, 3, 16, 16]
     assert res.batch_checked == 0 and not res.dynamic_batch
@@ -231,6 +231,144 @@ def test_gate_uses_faces_from_a_bin(tmp_path: Path):
     assert res.samples == 6
 
 
+# --- export quirks (pipeline.stages.repairs) ------------------------------------------------
+
+
+def _dq_probe(x: np.ndarray, x_type: int, scale: np.ndarray, zp: np.ndarray | None, opset: int, **attrs) -> np.ndarray:
+    """What onnxruntime computes for one DequantizeLinear on constant inputs."""
+    inits = [helper.make_tensor("x", x_type, list(x.shape), x.flatten().tolist()), numpy_helper.from_array(scale, "s")]
+    ins = ["x", "s"]
+    if zp is not None:
+        inits.append(helper.make_tensor("z", x_type, list(zp.shape), zp.flatten().tolist()))
+        ins.append("z")
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ins, ["y"], **attrs)], "dq", [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10 if opset >= 21 else 7
+    return session_run_constant(model)
+
+
+def session_run_constant(model: onnx.ModelProto) -> np.ndarray:
+    from pipeline.runtime.session import session
+
+    return session(model, optimization="disabled").run(None, {})[0]
+
+
+@pytest.mark.parametrize(
+    "x_type, lo, hi, opset, scale_shape, attrs",
+    [
+        (TensorProto.UINT8, 0, 256, 13, (), {}),
+        (TensorProto.INT8, -128, 128, 13, (5,), {"axis": -2}),
+        (TensorProto.INT32, -(2**20), 2**20, 13, (3,), {"axis": 0}),
+        (TensorProto.INT4, -8, 8, 21, (3, 2, 4), {"axis": 1, "block_size": 3}),
+        (TensorProto.UINT8, 0, 256, 21, (2, 5, 4), {"axis": 0, "block_size": 2}),
+    ],
+)
+def test_dequantize_matches_onnxruntime_bit_for_bit(x_type, lo, hi, opset, scale_shape, attrs):
+    from pipeline.stages.repairs import dequantize
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(lo, hi, (3, 5, 4))
+    scale = rng.uniform(1e-3, 0.3, scale_shape).astype(np.float32)
+    zp = None if x_type == TensorProto.INT32 else rng.integers(lo, hi, scale_shape)
+    want = _dq_probe(x, x_type, scale, zp, opset, **attrs)
+    got = dequantize(x, scale, zp, axis=attrs.get("axis", 1), block_size=attrs.get("block_size", 0))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
+def test_dequantize_nodes_reading_activations_or_float8_stay(tmp_path: Path):
+    from pipeline.stages.repairs import fold_weight_dequantize
+
+    inits = [
+        helper.make_tensor("f8", TensorProto.FLOAT8E4M3FN, [2], [1.5, 2.0]),
+        numpy_helper.from_array(np.array(0.5, np.float32), "s"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q", "s"], ["act"], name="activation"),
+        helper.make_node("DequantizeLinear", ["f8", "s"], ["w"], name="float8"),
+        helper.make_node("Add", ["act", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("q", TensorProto.UINT8, [2])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert fold_weight_dequantize(model) == []
+    assert [n.name for n in model.graph.node if n.op_type == "DequantizeLinear"] == ["activation", "float8"]
+
+
+def test_inputs_read_only_inside_a_subgraph_are_kept():
+    from pipeline.stages.repairs import repair_graph_inputs
+
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["outer"], ["t"])], "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1])]
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["cond_f"], ["e"])], "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1])]
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["c"], ["cond_f"], to=TensorProto.FLOAT), helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+        "g",
+        [helper.make_tensor_value_info(n, t, [1]) for n, t in (("c", TensorProto.BOOL), ("outer", TensorProto.FLOAT), ("spare", TensorProto.FLOAT))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert repair_graph_inputs(model) == ["graph input 'spare' is read by no node: removed from the graph inputs"]
+    assert [i.name for i in model.graph.input] == ["c", "outer"]
+
+
+def test_clean_opset11_model_has_nothing_repaired(tmp_path: Path):
+    from pipeline.stages.repairs import drop_stale_value_info, fold_weight_dequantize, repair_graph_inputs
+
+    first = convert(tiny_model(tmp_path / "t.onnx"), tmp_path / "t11.onnx", input_spec=SMALL)
+    model = onnx.load(str(first.output))
+    assert repair_graph_inputs(model) == [] and drop_stale_value_info(model) == [] and fold_weight_dequantize(model) == []
+    again = convert(first.output, tmp_path / "copy.onnx", input_spec=SMALL)
+    assert again.copied and again.repairs == ["already at opset 11 (target 11): not converted"]
+
+
+def test_stale_output_shape_gets_the_inferred_one(tmp_path: Path):
+    first = convert(tiny_model(tmp_path / "t.onnx"), tmp_path / "t11.onnx", input_spec=SMALL)
+    model = onnx.load(str(first.output))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", 15]))
+    onnx.save(model, str(tmp_path / "stale.onnx"))
+    res = convert(tmp_path / "stale.onnx", tmp_path / "fixed.onnx", input_spec=SMALL)
+    assert not res.copied
+    assert any("gave 1 graph output(s) their inferred shape (e.g. 'emb' recorded ['batch', 15], inferred ['batch', 8])" in r for r in res.repairs)
+    fixed = onnx.load(str(res.output))
+    onnx.checker.check_model(fixed, full_check=True)
+    assert onnxutil.dims(fixed.graph.output[0]) == ["batch", 8]
+
+
+def test_a_batch_dependent_export_suggests_a_static_batch(tmp_path: Path):
+    # Reshape with allowzero and -1 cannot be told to copy the batch.
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["data", "shape"], ["emb"], name="fold", allowzero=1)],
+        "g", [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, [1, 768])],
+        initializer=[numpy_helper.from_array(np.array([1, -1], np.int64), "shape")],
+    )
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), str(src))
+    with pytest.raises(UserError, match="--static-batch"):
+        convert(src, tmp_path / "o.onnx", input_spec=SMALL)
+    assert convert(src, tmp_path / "o.onnx", input_spec=SMALL, dynamic_batch=False).copied
+
+
+def test_cli_convert_makes_a_dynamic_batch_by_default_and_a_static_one_when_asked(tmp_path: Path):
+    # No recipe: the recipe's defaults (112x112 input, convert.dynamic_batch true) apply.
+    src = tmp_path / "m.onnx"
+    face_model(src, size=(112, 112), width=2, dynamic_batch=False)
+    for flag, want in (([], "batch"), (["--static-batch"], 1)):
+        out = tmp_path / f"o{len(flag)}.onnx"
+        r = CliRunner().invoke(app, ["convert", "--model", str(src), "--out", str(out), "--samples", "2", "-q", *flag])
+        assert r.exit_code == 0, r.output
+        assert onnxutil.dims(onnx.load(str(out)).graph.input[0])[0] == want
+
+
 # --- already converted --------------------------------------------------------------------
 
 
@@ -245,7 +383,7 @@ def test_model_at_or_above_target_opset_is_copied_unchanged(tmp_path: Path):
 
 
 def test_converted_fixed_batch_model_gets_only_a_dynamic_batch(tmp_path: Path):
-    first = convert(tiny_model(tmp_path / "t.onnx"), tmp_path / "t11.onnx", input_spec=SMALL)
+    first = convert(tiny_model(tmp_path / "t.onnx"), tmp_path / "t11.onnx", input_spec=SMALL, dynamic_batch=False)
     res = convert(first.output, tmp_path / "dyn.onnx", input_spec=SMALL, dynamic_batch=True)
     assert not res.copied and res.batch_checked == 8 and res.opset_to == 11
     assert onnxutil.dims(onnx.load(str(res.output)).graph.input[0])[0] == "batch"
@@ -407,7 +545,8 @@ def test_converted_real_model_goes_through_inc_static_quantization(real_converte
     from neural_compressor import PostTrainingQuantConfig
     from neural_compressor.quantization import fit
 
-    from pipeline.data.bins import preprocess, read_bin
+    from pipeline.data.bins import read_bin
+    from pipeline.data.preprocess import preprocess
 
     monkeypatch.chdir(tmp_path)  # INC writes nc_workspace/ into the working directory
     faces = preprocess(read_bin(shared_lfw).decode_many(range(0, 16, 2)), InputSpec())
@@ -423,5 +562,5 @@ def test_converted_real_model_goes_through_inc_static_quantization(real_converte
     assert q is not None, "INC returned no quantized model"
     ops = collections.Counter(n.op_type for n in q.model.graph.node)
     assert ops["QLinearConv"] > 0
-    emb = onnxutil.run(onnxutil.session(q.model), faces[:2], input_name="data", output_name="fc1", batch=1)
+    emb = OnnxModel(q.model, input_name="data", output_name="fc1").run(faces[:2])
     assert emb.shape == (2, 128) and np.isfinite(emb).all()

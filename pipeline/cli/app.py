@@ -135,7 +135,7 @@ def convert(
     opset: Annotated[Optional[int], typer.Option(help="Target opset [recipe convert.opset, default 11].")] = None,
     data: Annotated[Optional[Path], typer.Option(help="insightface .bin: real faces for the equivalence gate (else seeded random images).")] = None,
     dynamic_batch: Annotated[
-        Optional[bool], typer.Option("--dynamic-batch/--static-batch", help="Make the batch dimension symbolic [recipe convert.dynamic_batch].")
+        Optional[bool], typer.Option("--dynamic-batch/--static-batch", help="Symbolic batch, or the batch the model was exported with [recipe convert.dynamic_batch, default dynamic].")
     ] = None,
     samples: Annotated[Optional[int], typer.Option(help="Inputs in the equivalence gate [recipe convert.check_samples].")] = None,
     min_cosine: Annotated[Optional[float], typer.Option(help="Gate: worst embedding cosine allowed [recipe convert.min_cosine].")] = None,
@@ -155,7 +155,7 @@ def convert(
         model,
         out,
         opset=c.opset,
-        dynamic_batch=c.dynamic_batch if (dynamic_batch is not None or recipe is not None) else False,
+        dynamic_batch=c.dynamic_batch,
         data=data,
         input_spec=r.model.input,
         samples=c.check_samples,

@@ -2,19 +2,25 @@
 
 The Model Zoo ArcFace and its kin are MXNet exports at opset 8: initializers
 listed as graph inputs, ir_version 3, sometimes BatchNormalization written with
-``spatial=0`` but per-channel statistics. Quantization tools want opset 11 or
+``spatial=0`` but per-channel statistics. Models from other projects bring other
+quirks (:mod:`pipeline.stages.repairs`). Quantization tools want opset 11 or
 newer. :func:`convert`
 
-1. repairs what the converter would refuse (``spatial=0`` BatchNormalization
-   becomes its exact spatial=1 equivalent);
+1. repairs export quirks: graph inputs a node produces or nothing reads, stale
+   recorded shapes, weights behind DequantizeLinear (folded to fp32), and what
+   the converter would refuse (``spatial=0`` BatchNormalization becomes its
+   exact spatial=1 equivalent);
 2. runs ``onnx.version_converter``; a node it cannot convert is named in the error;
 3. cleans up: ir_version raised to suit the opset, initializers dropped from the
    graph inputs, Constant nodes folded into initializers, node names made
-   unique, optionally a symbolic batch dimension, then shape inference and
-   ``onnx.checker``;
+   unique, a symbolic batch dimension unless told otherwise, then shape
+   inference and ``onnx.checker``;
 4. runs source and result with onnxruntime on the same inputs and refuses to
    write the result unless every embedding keeps a cosine of at least
    ``min_cosine`` to the source's.
+
+A model already at the target opset is not converted, but still repaired and
+cleaned up when it needs it; otherwise it is copied unchanged.
 """
 
 from __future__ import annotations
@@ -30,15 +36,19 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pipeline.runtime import graph as onnxutil
+from pipeline.eval.protocol import cosine_rows
+from pipeline.runtime.session import OnnxModel
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_path
 from pipeline.core.progress import NULL_PROGRESS, Progress
+from pipeline.stages.repairs import drop_stale_value_info, fold_weight_dequantize, repair_graph_inputs
 
 if TYPE_CHECKING:
     from pipeline.recipe import InputSpec
 
 BATCH_DIM = "batch"
 BATCH_CHECK = 8  # the dynamic-batch model must give the same embeddings in a batch of this size
+STATIC_HINT = "--static-batch (recipe convert.dynamic_batch: false) keeps the batch the model was exported with"
 
 
 @dataclass
@@ -74,7 +84,7 @@ def convert(
     dst: Path,
     *,
     opset: int = 11,
-    dynamic_batch: bool = False,
+    dynamic_batch: bool = True,
     data: Path | None = None,
     input_spec: "InputSpec | None" = None,
     samples: int = 8,
@@ -88,9 +98,12 @@ def convert(
         src: the source ONNX model (typically opset 8).
         dst: where to write the result (atomically; untouched on any failure).
         opset: target default-domain opset. A model already at or above it is
-            copied unchanged (or, with ``dynamic_batch``, only given a symbolic batch).
+            not converted: copied unchanged unless it needs a repair or, with
+            ``dynamic_batch``, a symbolic batch.
         dynamic_batch: make the batch dimension symbolic (Reshape/Flatten that
-            hard-code batch 1 are fixed) and also check a batch of 8 in the gate.
+            hard-code batch 1 are fixed) and also check a batch of 8 in the gate
+            (the default, as the recipe's ``convert.dynamic_batch``); False
+            leaves the batch as the source has it.
         data: an insightface ``.bin``; its faces feed the gate. None: seeded
             random 0..255 images.
         input_spec: input name, size, channel order and scaling (recipe
@@ -118,42 +131,55 @@ def convert(
 
     source = onnxutil.load_model(src, "source model")
     opset_from = onnxutil.model_opset(source)
-    inp = onnxutil.find_input(source, spec.name)
-    out = onnxutil.find_output(source, spec.output)
+    # The source is not needed again in memory (the gate reads it from src): repair it in place.
+    model = source
+    # Before the input is looked up: a bogus first input would otherwise be taken for the image.
+    before = repair_graph_inputs(model) + drop_stale_value_info(model)
+    inp = onnxutil.find_input(model, spec.name)
+    out = onnxutil.find_output(model, spec.output)
     _check_input_shape(inp, spec)
     # Read the gate's images first: a bad --data fails before a long conversion, not after.
     images, sample_source = _gate_inputs(data, spec, samples, seed)
 
-    repairs: list[str] = []
+    converting = opset_from < opset
+    if converting:
+        before += repair_batchnorm_spatial(model)
+        renamed = unique_node_names(model)
+        if renamed:
+            before.append(f"named {renamed} node(s) that had an empty or duplicate name")
+    reference_model: Path | onnx.ModelProto = src
+    reference = "source model"
+    # onnxruntime refuses spatial=0 BatchNormalization, duplicate node names, inputs a node also
+    # produces, and wants feeds for unread inputs; the repaired graph is the same function in a
+    # form it runs, so it stands in when it must.
+    if before and not _runs(src, images[:1], inp.name, out.name):
+        reference_model = model
+        reference = f"repaired opset-{opset_from} source (onnxruntime cannot run the original)"
+    work = model
+    if reference_model is model:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+    # Folding changes the graph, not its function: the gate compares with the graph before it.
+    folded = fold_weight_dequantize(work)
+
+    repairs = before + folded
     copied = False
-    if opset_from >= opset:
-        repairs.append(f"already at opset {opset_from} (target {opset}): not converted")
-        if dynamic_batch and not _batch_is_symbolic(inp):
-            result = _finish(source, dynamic_batch=True, input_name=inp.name, output_name=out.name, repairs=repairs)
+    if not converting:
+        repairs.insert(0, f"already at opset {opset_from} (target {opset}): not converted")
+        make_dynamic = dynamic_batch and not _batch_is_symbolic(inp)
+        if repairs[1:] or make_dynamic:
+            result = _finish(work, dynamic_batch=make_dynamic, input_name=inp.name, output_name=out.name, repairs=repairs)
         else:
             result = None
             copied = True
-        reference_model, reference = src, "source model"
         opset_to = opset_from
     else:
-        repaired = onnx.ModelProto()
-        repaired.CopyFrom(source)
-        before = repair_batchnorm_spatial(repaired)
-        renamed = unique_node_names(repaired)
-        if renamed:
-            before.append(f"named {renamed} node(s) that had an empty or duplicate name")
-        repairs += before
         with progress.task(f"converting opset {opset_from} -> {opset}", total=1, unit="model") as t:
-            converted = _version_convert(repaired, opset)
+            converted = _version_convert(work, opset)
             t.advance(1)
+        del work
         result = _finish(converted, dynamic_batch=dynamic_batch, input_name=inp.name, output_name=out.name, repairs=repairs)
-        reference_model, reference = src, "source model"
         opset_to = opset
-        # onnxruntime refuses spatial=0 BatchNormalization and duplicate node names; the repaired
-        # opset-8 graph is the same function in a form it runs, so it stands in when it must.
-        if before and not _runs(src, images[:1], inp.name, out.name):
-            reference_model = repaired
-            reference = f"repaired opset-{opset_from} source (onnxruntime cannot run the original)"
 
     with atomic_path(dst) as tmp:
         if result is None:
@@ -164,7 +190,8 @@ def convert(
         # Gate the file exactly as written; failing leaves nothing under dst.
         gate = _equivalence_gate(
             reference_model, tmp, images, input_name=inp.name, output_name=out.name,
-            dynamic_batch=(result is not None and dynamic_batch) or (copied and _batch_is_symbolic(inp)),
+            dynamic_batch=(result is not None and dynamic_batch and _batch_is_symbolic(onnxutil.find_input(result, inp.name)))
+            or (copied and _batch_is_symbolic(inp)),
             min_cosine=min_cosine, sample_source=sample_source, reference=reference, progress=progress,
         )
     ir_version = result.ir_version if result is not None else source.ir_version
@@ -205,7 +232,8 @@ def _batch_is_symbolic(inp: onnx.ValueInfoProto) -> bool:
 
 
 def _gate_inputs(data: Path | None, spec: "InputSpec", samples: int, seed: int) -> tuple[np.ndarray, str]:
-    from pipeline.data.bins import preprocess, read_bin
+    from pipeline.data.bins import read_bin
+    from pipeline.data.preprocess import preprocess
 
     rng = np.random.default_rng(seed)
     if data is not None:
@@ -502,7 +530,7 @@ def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> list[str]:
                 allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
                 if allowzero:
                     if (target == -1).any():
-                        raise UserError(f"Reshape node {node.name!r} hard-codes batch 1 and cannot be made batch-independent")
+                        raise UserError(f"Reshape node {node.name!r} hard-codes batch 1 and cannot be made batch-independent", hint=STATIC_HINT)
                     fixed_first = -1
                 else:
                     fixed_first = 0
@@ -525,8 +553,7 @@ def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> list[str]:
 def _runs(model: Path | onnx.ModelProto, probe: np.ndarray, input_name: str, output_name: str) -> bool:
     """Whether onnxruntime loads ``model`` and runs it on ``probe``."""
     try:
-        sess = onnxutil.session(model, quiet=True)
-        onnxutil.run(sess, probe, input_name=input_name, output_name=output_name)
+        OnnxModel(model, input_name=input_name, output_name=output_name, quiet=True, nchw=False).run(probe)
         return True
     except UserError:
         return False
@@ -551,20 +578,23 @@ def _equivalence_gate(
     n = len(images)
     batch = BATCH_CHECK if dynamic_batch else 0
     with progress.task("equivalence gate", total=2 * n + (1 if batch else 0), unit="run") as t:
-        ref_sess = onnxutil.session(reference_model, what=reference)
-        want = _run_each(ref_sess, images, input_name, output_name, reference, t)
-        new_sess = onnxutil.session(result_path, what="converted model")
-        got = _run_each(new_sess, images, input_name, output_name, "converted model", t)
-        cos = onnxutil.cosine_rows(want, got)
+        ref = OnnxModel(reference_model, input_name=input_name, output_name=output_name, what=reference, nchw=False)
+        want = _run_each(ref, images, t)
+        new = OnnxModel(result_path, input_name=input_name, output_name=output_name, what="converted model", nchw=False)
+        got = _run_each(new, images, t)
+        cos = cosine_rows(want, got)
         diff = float(np.max(np.abs(want.astype(np.float64) - got))) if want.shape == got.shape else float("inf")
         if batch:
             reps = -(-batch // n)
             idx = np.tile(np.arange(n), reps)[:batch]
-            got_b = onnxutil.run(new_sess, images[idx], input_name=input_name, output_name=output_name, batch=batch, what="converted model")
+            try:
+                got_b = new.run(images[idx], batch=batch)
+            except UserError as e:
+                raise UserError(f"the converted model does not run a batch of {batch}: {e.message}", hint=STATIC_HINT) from None
             t.advance(1)
             if got_b.shape[0] != batch:
-                raise UserError(f"the converted model returned {got_b.shape[0]} embeddings for a batch of {batch}")
-            cos = np.concatenate([cos, onnxutil.cosine_rows(want[idx], got_b)])
+                raise UserError(f"the converted model returned {got_b.shape[0]} embeddings for a batch of {batch}", hint=STATIC_HINT)
+            cos = np.concatenate([cos, cosine_rows(want[idx], got_b)])
             diff = max(diff, float(np.max(np.abs(want[idx].astype(np.float64) - got_b))))
     worst = float(np.min(cos)) if not np.isnan(cos).any() else float("nan")
     if not np.all(cos >= min_cosine):
@@ -572,15 +602,17 @@ def _equivalence_gate(
         raise UserError(
             f"equivalence gate failed: worst embedding cosine {worst:.7f} < {min_cosine} "
             f"({bad} of {len(cos)} runs below; max abs diff {diff:.3g}; {sample_source}, against the {reference}); "
-            "the converted model was not written"
+            "the converted model was not written",
+            # Batch 1 agrees but the batch does not: the export computes something batch-dependent.
+            hint=STATIC_HINT if bool(np.all(cos[:n] >= min_cosine)) else None,
         )
     return {"worst": worst, "max_abs": diff, "cosines": [float(c) for c in cos], "batch": batch, "dynamic": dynamic_batch}
 
 
-def _run_each(sess, images: np.ndarray, input_name: str, output_name: str, what: str, task) -> np.ndarray:
+def _run_each(model: OnnxModel, images: np.ndarray, task) -> np.ndarray:
     outs = []
     for i in range(len(images)):
-        outs.append(onnxutil.run(sess, images[i : i + 1], input_name=input_name, output_name=output_name, what=what))
+        outs.append(model.run(images[i : i + 1]))
         task.advance(1)
     return np.concatenate(outs, axis=0)
 
