@@ -16,12 +16,13 @@ from tests.synthdata import face_model, synthetic_bin
 
 
 def _mean_model(batch: int | str, size: int = 4) -> onnx.ModelProto:
-    """(batch, 3, size, size) -> (batch, 3): the mean of each channel, so every row's output is known."""
-    node = helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0)
+    """(batch, 3, size, size) -> y (batch, 3): the mean of each channel, so every row's output is known;
+    also r, the input through Relu (unchanged for pixels)."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0), helper.make_node("Relu", ["x"], ["r"])]
     graph = helper.make_graph(
-        [node], "mean",
+        nodes, "mean",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3]), helper.make_tensor_value_info("r", TensorProto.FLOAT, [batch, 3, size, size])],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=6)
 
@@ -45,6 +46,10 @@ def test_a_fixed_batch_model_gets_only_full_batches_and_the_padding_is_dropped(m
     y = m.run(x, batch=16)
     assert sizes == [3, 3, 3]  # 7 rows: two full batches and one padded with two zero rows
     np.testing.assert_allclose(y, x.mean(axis=(2, 3)), rtol=1e-5)
+    # Several tensors per pass (the range probe's form): the padding rows never reach the caller.
+    parts = list(m.batches(x, 16, names=["y", "r"]))
+    assert [k for k, _ in parts] == [3, 3, 1] and [v[1].shape[0] for _, v in parts] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate([v[1] for _, v in parts]), x)
 
 
 def test_a_dynamic_batch_model_runs_the_requested_batch(monkeypatch):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import onnx
@@ -137,8 +137,12 @@ class OnnxModel:
 
     def __call__(self, x: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """One forward pass on exactly ``x`` (its batch must be one the model accepts); ``extra``: other inputs."""
+        return self.outputs(x, [self.output_name], extra)[0]
+
+    def outputs(self, x: np.ndarray, names: list[str], extra: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        """One forward pass on exactly ``x``, returning the tensors ``names``."""
         try:
-            return self.session.run([self.output_name], {self.input_name: x, **(extra or {})})[0]
+            return self.session.run(names, {self.input_name: x, **(extra or {})})
         except Exception as e:
             raise UserError(f"onnxruntime failed to run the {self.what} on an input of shape {tuple(x.shape)}: {_first_line(e)}") from None
 
@@ -146,23 +150,31 @@ class OnnxModel:
         """Rows per forward pass: ``batch`` if the batch is dynamic, else the model's fixed batch."""
         return max(1, int(batch)) if self.dynamic_batch else (self.fixed_batch or 1)
 
-    def run(self, x: np.ndarray, batch: int = 1, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """The output for every row of ``x``, stacked, in batches the model accepts.
+    def batches(
+        self, x: np.ndarray, batch: int = 1, *, names: list[str] | None = None, extra: dict[str, np.ndarray] | None = None
+    ) -> Iterator[tuple[int, list[np.ndarray]]]:
+        """Per forward pass: (rows of ``x`` it covered, the tensors ``names`` for those rows).
 
         A dynamic batch is run ``batch`` rows at a time; a fixed batch always gets
-        full batches (the last one padded with zero rows, whose outputs are dropped).
-        ``extra``: inputs other than the batch, fed unchanged to every pass.
+        full batches (the last one padded with zero rows, whose values are dropped
+        here). ``names``: default the model's output. ``extra``: inputs other than
+        the batch, fed unchanged to every pass.
         """
-        n = len(x)
         step = self.step(batch)
-        outs = []
-        for start in range(0, n, step):
+        for start in range(0, len(x), step):
             part = np.ascontiguousarray(x[start : start + step], dtype=np.float32)
             k = len(part)
             if not self.dynamic_batch and k < step:
                 part = np.concatenate([part, np.zeros((step - k, *part.shape[1:]), part.dtype)])
-            out = np.asarray(self(part, extra))
-            if out.ndim < 1 or out.shape[0] != len(part):
-                raise UserError(f"the {self.what} returned output {self.output_name!r} of shape {out.shape} for a batch of {len(part)}")
-            outs.append(out[:k])
+            if names is None:
+                out = np.asarray(self(part, extra))
+                if out.ndim < 1 or out.shape[0] != len(part):
+                    raise UserError(f"the {self.what} returned output {self.output_name!r} of shape {out.shape} for a batch of {len(part)}")
+                yield k, [out[:k]]
+            else:
+                yield k, [np.asarray(v)[:k] for v in self.outputs(part, names, extra)]
+
+    def run(self, x: np.ndarray, batch: int = 1, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """The model's output for every row of ``x``, stacked (see :meth:`batches`)."""
+        outs = [o[0] for _, o in self.batches(x, batch, extra=extra)]
         return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
