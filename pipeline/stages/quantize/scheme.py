@@ -8,7 +8,7 @@ meaning in the whole package.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -17,6 +17,12 @@ if TYPE_CHECKING:
 # INC's names for the recipe's calibration methods and formats.
 INC_ALGORITHMS = {"minmax": "minmax", "entropy": "kl", "percentile": "percentile"}
 INC_FORMATS = {"QOperator": "default", "QDQ": "QDQ"}
+# onnxruntime's names (members of onnxruntime.quantization.CalibrationMethod) for the recipe's calibration methods.
+ORT_CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+# Half the int8 weight range: full 8 bits, or 7 bits (reduce_range).
+FULL_HALF_LEVELS = 127
+REDUCED_HALF_LEVELS = 64
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,8 @@ class QuantScheme:
     that narrows activations to 127 levels but clamps a fused Clip at uint8 255,
     so Clip(0, 6) passes values up to about 12 (INC's own ``reduce_range``, which
     the quantize stage does not use). ``calibration``: the activation range
-    estimator as simulated (entropy is simulated as minmax).
+    estimator as simulated (entropy is simulated as minmax). ``calibration_method``:
+    the recipe's estimator as the engines run it (minmax, entropy, percentile).
     """
 
     engine: str
@@ -45,20 +52,59 @@ class QuantScheme:
     clip_bound_lost: bool = False
     depthwise_half_levels: int | None = None
     calibration: str = "minmax"
+    calibration_method: str = "minmax"
 
     @classmethod
     def from_section(cls, q: "QuantizationSection") -> "QuantScheme":
         """The conventions the quantize stage applies for these recipe settings."""
         reduce = bool(q.reduce_range)
-        half = 64 if reduce else 127
-        depthwise = 127 if split_depthwise(q) else None
+        half = REDUCED_HALF_LEVELS if reduce else FULL_HALF_LEVELS
+        depthwise = FULL_HALF_LEVELS if split_depthwise(q) else None
         calib = q.calibration_method if q.calibration_method == "percentile" else "minmax"
         overflow = "wrap" if q.engine == "inc" else "clip"
         # reduce_range narrows the weights only, for both engines: activations keep 255 levels.
-        return cls(q.engine, 255, half, effective_per_channel(q), overflow, depthwise_half_levels=depthwise, calibration=calib)
+        return cls(
+            q.engine, 255, half, effective_per_channel(q), overflow, depthwise_half_levels=depthwise, calibration=calib,
+            calibration_method=q.calibration_method,
+        )
 
     def weight_levels(self, depthwise: bool) -> int:
         return self.depthwise_half_levels if depthwise and self.depthwise_half_levels else self.weight_half_levels
+
+    # --- what one engine run is told -------------------------------------------------
+    #
+    # An engine quantizes every weight to one range. A scheme whose depthwise convolutions keep
+    # more bits than the others is made of two runs (see depthwise.py): ``uniform(weight_levels(True))``
+    # donates the depthwise weights to ``uniform(weight_levels(False))``.
+
+    def uniform(self, half_levels: int) -> "QuantScheme":
+        """The same scheme with every weight, depthwise or not, at ``half_levels``."""
+        if half_levels not in (FULL_HALF_LEVELS, REDUCED_HALF_LEVELS):
+            raise ValueError(f"the engines quantize weights to 8 or 7 bits, not to half-range {half_levels}")
+        return replace(self, weight_half_levels=half_levels, depthwise_half_levels=None)
+
+    @property
+    def engine_reduce_range(self) -> bool:
+        """The engines' own ``reduce_range`` flag for this scheme's (non-depthwise) weights.
+
+        Both engines read it as 7-bit weights; INC would narrow the activations as
+        well, which :func:`~pipeline.stages.quantize.inc_patches.full_range_activations` undoes.
+        """
+        return self.weight_half_levels == REDUCED_HALF_LEVELS
+
+    @property
+    def histogram_calibration(self) -> bool:
+        """Whether calibration builds histograms (entropy, percentile), which hold activations in memory."""
+        return self.calibration_method != "minmax"
+
+    @property
+    def inc_algorithm(self) -> str:
+        return INC_ALGORITHMS[self.calibration_method]
+
+    @property
+    def ort_calibration_method(self) -> str:
+        """The name of the ``onnxruntime.quantization.CalibrationMethod`` member."""
+        return ORT_CALIBRATION_METHODS[self.calibration_method]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
