@@ -14,10 +14,14 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli.app import app
-from pipeline.data.bins import calibration_indices, indices_sha256, preprocess, read_bin
+from pipeline.data.bins import read_bin
+from pipeline.data.calibration import calibration_indices, indices_sha256
+from pipeline.data.preprocess import preprocess
 from pipeline.core.errors import UserError
 from pipeline.core.files import sha256_file
-from pipeline.stages.quantize.stage import count_ops, pair_accuracy, quantize
+from pipeline.stages.quantize.opcounts import count_ops
+from pipeline.stages.quantize.stage import MANIFEST_SCHEMA, quantize
+from pipeline.stages.quantize.tuning import pair_accuracy
 from pipeline.recipe import Recipe, default_recipe, with_overrides
 from tests.synthdata import face_model, malicious_pickle, synthetic_bin
 
@@ -72,9 +76,9 @@ def test_both_engines_quantize_the_synthetic_model_and_keep_its_function(
     assert res.op_counts["quant_dequant"]["QuantizeLinear"] >= 1
     q = onnx.load(str(out))
     assert any(n.op_type in ("QLinearConv", "DequantizeLinear") for n in q.graph.node)
-    # Scratch files stay out of the current and the output directory.
+    # Scratch files stay out of the current and the output directory; the manifest is the build layer's to write.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in out.parent.iterdir()) == ["int8.onnx", "manifest.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["int8.onnx"]
     # The int8 model computes nearly what the fp32 model computes.
     vb = read_bin(material["bin"])
     x = preprocess(vb.decode_many(range(8)), _recipe().model.input)
@@ -134,14 +138,21 @@ def test_same_inputs_and_recipe_give_the_same_int8_bytes(material: dict[str, Pat
     assert c.calibration["indices_sha256"] != a.calibration["indices_sha256"]
 
 
-# --- manifest ----------------------------------------------------------------------------
+# --- manifest body ------------------------------------------------------------------------
+
+MANIFEST_KEYS = {
+    "schema", "stage", "engine", "format", "weights", "files", "calibration", "recipe", "recipe_sha256",
+    "op_counts", "tuning", "warnings", "environment", "timing", "created",
+}
 
 
-def test_manifest_hashes_are_true_and_record_recipe_versions_and_cpu(material: dict[str, Path], tmp_path: Path) -> None:
+def test_manifest_body_hashes_are_true_and_record_recipe_versions_and_cpu(material: dict[str, Path], tmp_path: Path) -> None:
     r = _recipe(**{"quantization.engine": "ort"})
     res = _run(material, tmp_path / "art" / "int8.onnx", r, source_model=material["model"])
-    m = json.loads(res.manifest.read_text())
-    assert res.manifest == tmp_path / "art" / "manifest.json"
+    m = res.manifest_body()
+    assert set(m) == MANIFEST_KEYS and m["schema"] == MANIFEST_SCHEMA and m["stage"] == "quantize"
+    # The stage writes the model only; the manifest is written once, by the build layer.
+    assert res.manifest is None and sorted(p.name for p in (tmp_path / "art").iterdir()) == ["int8.onnx"]
     files = m["files"]
     assert files["int8"]["sha256"] == sha256_file(res.output) == res.int8_sha256
     assert files["converted"]["sha256"] == sha256_file(material["model"])
@@ -158,8 +169,20 @@ def test_manifest_hashes_are_true_and_record_recipe_versions_and_cpu(material: d
     assert {"avx512_vnni", "amx_tile", "avx2"} <= set(env["cpu"]["flags"])
     assert env["cpu"]["model"] and env["cpu"]["physical_cores"] >= 1
     assert m["timing"]["quantize"]["seconds"] > 0 and m["timing"]["quantize"]["peak_rss_mb"] > 0
-    assert m["op_counts"] == res.op_counts
-    assert json.loads(json.dumps(res.to_dict()))["output"] == str(res.output)
+    assert m["op_counts"] == res.op_counts and m["weights"] == res.weights and m["warnings"] == res.warnings
+    assert m["files"]["int8"]["path"] == str(res.output)
+    assert json.loads(json.dumps(m)) == m
+    m["warnings"].append("added by a writer")
+    assert res.manifest_body()["warnings"] == res.warnings  # a copy each time
+    d = json.loads(json.dumps(res.to_dict()))
+    assert d["output"] == str(res.output) and "record" not in d
+
+
+def test_quantize_leaves_accuracy_recovery_to_the_build_layer(material: dict[str, Path], tmp_path: Path) -> None:
+    plain = _run(material, tmp_path / "plain" / "int8.onnx", _recipe(**{"quantization.engine": "ort"}))
+    asked = _run(material, tmp_path / "asked" / "int8.onnx", _recipe(**{"quantization.engine": "ort", "quantization.recovery.enabled": True}))
+    assert asked.recovery is None and asked.int8_sha256 == plain.int8_sha256
+    assert sorted(p.name for p in (tmp_path / "asked").iterdir()) == ["int8.onnx"]
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -237,12 +260,13 @@ def test_recipe_errors_reach_quantize_as_user_errors(material: dict[str, Path], 
 
 def test_a_failing_engine_leaves_no_output_and_no_scratch(material: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.stages.quantize import stage as qmod
+    from pipeline.stages.quantize.engine import Engine
 
     def boom(*args: object, **kwargs: object):
         (kwargs["work"] / "partial.onnx").write_bytes(b"half")
         raise UserError("engine exploded")
 
-    monkeypatch.setitem(qmod.ENGINES, "ort", boom)
+    monkeypatch.setitem(qmod.ENGINES, "ort", Engine(quantize=boom))
     out = tmp_path / "o" / "int8.onnx"
     with pytest.raises(UserError, match="engine exploded"):
         _run(material, out, _recipe(**{"quantization.engine": "ort"}))
@@ -257,8 +281,7 @@ def test_inc_accuracy_aware_tuning_evaluates_on_the_recipe_pairs(material: dict[
     res = _run(material, tmp_path / "int8.onnx", r)
     assert res.tuning is not None and res.tuning["trials"], res.tuning
     assert all(t["pairs"] == 20 and 0 <= t["accuracy"] <= 100 for t in res.tuning["trials"])
-    m = json.loads(res.manifest.read_text())
-    assert m["tuning"]["eval_pairs"] == 20
+    assert res.manifest_body()["tuning"]["eval_pairs"] == 20
 
 
 def test_pair_accuracy_runs_the_protocol_on_a_subset(material: dict[str, Path]) -> None:
@@ -393,6 +416,38 @@ def test_reduce_range_gives_7_bit_weights_except_depthwise_and_full_range_activa
     assert all(int(np.abs(v).max()) <= 64 for v in _qlinearconv_weights(every.output).values())
 
 
+@pytest.mark.parametrize("engine, default", [("inc", True), ("ort", False)])
+def test_per_channel_null_gives_the_engine_default_the_scheme_names(
+    material: dict[str, Path], tmp_path: Path, engine: str, default: bool
+) -> None:
+    from pipeline.stages.quantize.scheme import QuantScheme
+
+    r = _recipe(**{"quantization.engine": engine})
+    q_null = r.quantization.model_copy(update={"per_channel": None})
+    assert QuantScheme.from_section(q_null).per_channel is default
+    null = quantize(material["model"], material["bin"], tmp_path / "null" / "int8.onnx", input_spec=r.model.input,
+                    calibration=r.calibration, quantization=q_null)
+    explicit = _run(material, tmp_path / "explicit" / "int8.onnx", _recipe(**{"quantization.engine": engine, "quantization.per_channel": default}))
+    assert null.int8_sha256 == explicit.int8_sha256
+
+
+def test_each_engine_run_gets_one_weight_range_and_engine_names_from_the_scheme() -> None:
+    from pipeline.recipe import QuantizationSection
+    from pipeline.stages.quantize.scheme import QuantScheme
+
+    s = QuantScheme.from_section(QuantizationSection(engine="ort", reduce_range=True, calibration_method="percentile"))
+    main, donor = s.uniform(s.weight_levels(depthwise=False)), s.uniform(s.weight_levels(depthwise=True))
+    assert main.engine_reduce_range and main.depthwise_half_levels is None
+    assert not donor.engine_reduce_range and donor.weight_half_levels == 127
+    assert (s.inc_algorithm, s.ort_calibration_method, s.histogram_calibration) == ("percentile", "Percentile", True)
+    e = QuantScheme.from_section(QuantizationSection(calibration_method="entropy"))
+    assert (e.inc_algorithm, e.ort_calibration_method, e.histogram_calibration, e.calibration) == ("kl", "Entropy", True, "minmax")
+    m = QuantScheme.from_section(QuantizationSection(calibration_method="minmax", reduce_range=False))
+    assert not m.histogram_calibration and not m.engine_reduce_range and m.depthwise_half_levels is None
+    with pytest.raises(ValueError):
+        s.uniform(100)
+
+
 def test_environment_facts_and_peak_memory() -> None:
     from pipeline.core.environment import PeakMemory, cpu_info, environment, process_peak_rss_mb
 
@@ -432,13 +487,13 @@ def test_inc_histogram_calibration_streams_and_gives_inc_own_ranges(
 
     from neural_compressor.adaptor.ox_utils.calibration import ONNXRTAugment
 
-    import pipeline.stages.quantize.stage as Q
+    from pipeline.stages.quantize import inc_patches, ort
 
     model = tmp_path / "fp32.onnx"
     face_model(model, size=tuple(SIZE))
     calib = synthetic_bin(tmp_path / "calib.bin", pairs=20, size=tuple(SIZE))
     r = _recipe(**{"quantization.calibration_method": method, "calibration.samples": 40, "calibration.batch": batch})
-    streamed_cm = Q._inc_streamed_histograms
+    streamed_cm = inc_patches.streamed_histograms
     peaks: dict[str, int] = {}
 
     def measured(label: str, streamed: bool):
@@ -465,19 +520,19 @@ def test_inc_histogram_calibration_streams_and_gives_inc_own_ranges(
 
     outs = {}
     for label, streamed in (("inc", False), ("qpipe", True)):
-        monkeypatch.setattr(Q, "_inc_streamed_histograms", measured(label, streamed))
+        monkeypatch.setattr(inc_patches, "streamed_histograms", measured(label, streamed))
         outs[label] = tmp_path / label / "int8.onnx"
         quantize(model, calib, outs[label], input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r)
     assert outs["inc"].read_bytes() == outs["qpipe"].read_bytes()
-    per_image = Q.activation_bytes_per_image(onnx.load(str(model)))
+    per_image = ort.activation_bytes_per_image(onnx.load(str(model)))
     if batch == 1:
         assert peaks["inc"] > 20 * per_image, peaks  # INC held (most of) the 40 images' activations
     assert peaks["qpipe"] < 8 * batch * per_image, peaks  # qpipe: a few batches at a time
 
 
 def test_ort_histogram_calibration_reads_the_batches_in_slices(material: dict[str, Path]) -> None:
-    from pipeline.data.bins import CalibrationData
-    from pipeline.stages.quantize.stage import _calibration_stride
+    from pipeline.data.calibration import CalibrationData
+    from pipeline.stages.quantize.ort import calibration_stride as _calibration_stride
 
     mb = 1 << 20
     assert _calibration_stride(200, 40 * mb) == 25  # 1 GiB / 40 MiB = 25 batches, which divides 200
@@ -499,18 +554,19 @@ def test_ort_histogram_calibration_reads_the_batches_in_slices(material: dict[st
 def test_the_8_bit_and_7_bit_runs_share_one_calibration(material: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With 8-bit depthwise weights INC runs twice; the second run reuses the first one's ranges (same bytes)."""
     import contextlib
+    import dataclasses
 
-    import pipeline.stages.quantize.stage as Q
+    from pipeline.stages.quantize import inc, stage
 
     reads = []
-    iterate = Q._CountingLoader.__iter__
-    monkeypatch.setattr(Q._CountingLoader, "__iter__", lambda self: (reads.append(1), iterate(self))[1])
+    iterate = inc.CountingLoader.__iter__
+    monkeypatch.setattr(inc.CountingLoader, "__iter__", lambda self: (reads.append(1), iterate(self))[1])
     r = _recipe(**{"quantization.calibration_method": "percentile", "quantization.reduce_range": True})
     shared = _run(material, tmp_path / "shared" / "int8.onnx", r)
     assert shared.weights["depthwise_8bit"] > 0  # two engine runs
     assert len(reads) == 2  # the two passes of one streamed calibration
     reads.clear()
-    monkeypatch.setattr(Q, "_shared_calibration", contextlib.nullcontext)
+    monkeypatch.setitem(stage.ENGINES, "inc", dataclasses.replace(stage.ENGINES["inc"], shared_calibration=contextlib.nullcontext))
     alone = _run(material, tmp_path / "alone" / "int8.onnx", r)
     assert len(reads) == 4
     assert shared.output.read_bytes() == alone.output.read_bytes()
