@@ -1,4 +1,4 @@
-"""embed, compare and pack-bin (pipeline.photos.embed): photos in, embeddings / verdicts / .bin out."""
+"""embed, compare and pack-bin (pipeline.photos.embed, .compare, .pack): photos in, embeddings / verdicts / .bin out."""
 
 from __future__ import annotations
 
@@ -11,17 +11,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.photos.embed import (
-    compare,
-    cosine_to_distance,
-    distance_to_cosine,
-    draw_pairs,
-    embed,
-    FaceEmbedder,
-    pack_bin,
-    parse_pairs,
-    threshold_from_report,
-)
+from pipeline.photos.compare import compare, cosine_to_distance, distance_to_cosine, threshold_from_report
+from pipeline.photos.embed import FaceEmbedder, embed
+from pipeline.photos.pack import draw_pairs, pack_bin, parse_pairs
 from pipeline.cli.app import app
 from pipeline.data.bins import read_bin
 from pipeline.core.errors import UserError

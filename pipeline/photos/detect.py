@@ -316,6 +316,13 @@ def default_detector() -> MTCNN:
 # --- selection and alignment --------------------------------------------------------------------
 
 
+def check_select(select: str) -> Select:
+    """``select`` as a face selection, or a UserError listing the choices."""
+    if select not in SELECT_CHOICES:
+        raise UserError(f"unknown face selection {select!r}; use one of: {', '.join(SELECT_CHOICES)}")
+    return select  # type: ignore[return-value]
+
+
 def select_face(faces: Sequence[Face], image_shape: tuple[int, ...], select: Select = "largest") -> Face | None:
     """The face to use when a photo shows several: the largest box, or the box centre nearest the image centre."""
     if not faces:
@@ -356,6 +363,9 @@ def align(rgb: np.ndarray, landmarks: np.ndarray, size: int = CROP_SIZE) -> np.n
 
 
 # --- files ----------------------------------------------------------------------------------------
+
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def read_rgb(path: Path) -> np.ndarray:
