@@ -173,6 +173,10 @@ def test_one_recipe_passes_on_one_class_and_fails_on_another(tiny, monkeypatch):
     d = bad.to_dict()
     assert d["gate"]["cpu_class"]["min_speedup"] == 1000.0 and d["settings"]["gate"]["min_speedup_by_class"] == PER_CLASS
     assert d["environment"]["cpu"]["isa_class"]["detected"] == "avx512_vnni"
+    from pipeline.stages.report import write_reports
+
+    write_reports(bad, tiny["dir"] / "rep")
+    assert "Speed threshold: CPU class avx512_vnni" in (tiny["dir"] / "rep" / "report.md").read_text()
 
 
 def _recipe_file(tiny, gate_yaml: str) -> Path:
