@@ -31,3 +31,9 @@ class GateFailed(Exception):
     def __init__(self, reasons: list[str]) -> None:
         super().__init__("; ".join(reasons))
         self.reasons = reasons
+
+
+def first_line(e: BaseException) -> str:
+    """A library exception's message cut to its first line (or its type's name), for a one-line UserError."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from pipeline.core.errors import UserError
+from pipeline.core.errors import UserError, first_line
 from pipeline.core.files import require_file
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -26,7 +26,7 @@ def load_model(path: str | os.PathLike[str], what: str = "model") -> onnx.ModelP
     try:
         model = onnx.load(str(p))
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
-        raise UserError(f"{what} {p} is not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'cannot parse'})") from None
+        raise UserError(f"{what} {p} is not a readable ONNX model ({type(e).__name__}: {first_line(e) if str(e).strip() else 'cannot parse'})") from None
     # Protobuf parses many non-ONNX byte strings without complaint; a real model has these.
     if model.ir_version <= 0 or not model.opset_import or not model.graph.node or not model.graph.output:
         raise UserError(f"{what} {p} is not an ONNX model (no graph, opset or outputs found in it)")

@@ -18,16 +18,11 @@ from typing import Iterator, Literal
 import numpy as np
 import onnx
 
-from pipeline.core.errors import UserError
+from pipeline.core.errors import UserError, first_line
 from pipeline.core.files import require_file
 
 Optimization = Literal["all", "basic", "disabled"]
 ModelSource = str | os.PathLike[str] | onnx.ModelProto | bytes
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def session(
@@ -79,7 +74,7 @@ def session(
     try:
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception classes (Fail, InvalidGraph, ...)
-        raise UserError(f"onnxruntime cannot load the {what}: {_first_line(e)}") from None
+        raise UserError(f"onnxruntime cannot load the {what}: {first_line(e)}") from None
 
 
 class OnnxModel:
@@ -144,7 +139,7 @@ class OnnxModel:
         try:
             return self.session.run(names, {self.input_name: x, **(extra or {})})
         except Exception as e:
-            raise UserError(f"onnxruntime failed to run the {self.what} on an input of shape {tuple(x.shape)}: {_first_line(e)}") from None
+            raise UserError(f"onnxruntime failed to run the {self.what} on an input of shape {tuple(x.shape)}: {first_line(e)}") from None
 
     def step(self, batch: int) -> int:
         """Rows per forward pass: ``batch`` if the batch is dynamic, else the model's fixed batch."""
