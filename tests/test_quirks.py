@@ -389,3 +389,26 @@ def test_recovery_repairs_a_fixed_batch_model_that_misses_the_target(tmp_path: P
     cli("quantize", "-r", recipe, "-m", fp32, "--calib", pairs, "-o", int8, "--recover", "-q")
     rec = json.loads((int8.parent / "recovery.json").read_text())
     assert not rec["attempts"][0]["within_target"] and rec["within_target"], rec["attempts"]
+
+
+def test_crop_that_leaves_nothing_or_is_not_four_margins_is_a_user_error(mat, tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    for crop, message in (("[0, 0, 56, 56]", r"crop \[0, 0, 56, 56\] leaves nothing of a 112x112 face"), ("[8, 8]", r"model.input.crop: .*four")):
+        bad.write_text(_recipe_text(WIDE).replace("size: [112, 96]", f"size: [112, 96], crop: {crop}"))
+        r = CliRunner().invoke(app, ["convert", "-m", str(mat.models["112x96"]), "-o", str(tmp_path / "x.onnx"), "-r", str(bad),
+                                     "--data", str(mat.wide_faces), "-q"])
+        assert r.exit_code == 2 and re.search(message, r.stderr), r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "x.onnx").exists()
+
+
+def test_gate_images_without_data_are_cut_to_the_model_size_without_resampling(mat, tmp_path: Path, monkeypatch):
+    import cv2
+
+    from pipeline.stages.convert import convert
+
+    def resampled(*args, **kwargs):
+        raise AssertionError("the crop should leave the model's input size, with nothing to resize")
+
+    monkeypatch.setattr(cv2, "resize", resampled)
+    res = convert(mat.models["112x96"], tmp_path / "o.onnx", input_spec=_spec_for("112x96"), samples=2)
+    assert res.sample_source == "seeded random" and res.worst_cosine >= 0.99999

@@ -241,7 +241,9 @@ def _gate_inputs(data: Path | None, spec: "InputSpec", samples: int, seed: int) 
         n = min(samples, vb.num_images)
         idx = np.sort(rng.choice(vb.num_images, size=n, replace=False))
         return preprocess(vb.decode_many(idx), spec), f"{Path(data).name} faces"
-    h, w = spec.size
+    # Faces as large as the crop expects, so that the crop leaves exactly the model's input size.
+    top, bottom, left, right = spec.crop
+    h, w = spec.size[0] + top + bottom, spec.size[1] + left + right
     images = rng.integers(0, 256, size=(samples, h, w, 3), dtype=np.uint8)
     return preprocess(images, spec), "seeded random"
 
