@@ -374,6 +374,8 @@ gate: {max_accuracy_drop: 1.0, min_speedup: 0.0}
 """
 
 
+# The planted near-dead channel's bias overflows int32 in INC's quantizer (the defect recovery repairs).
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
 def test_recovery_repairs_a_fixed_batch_model_that_misses_the_target(tmp_path: Path):
     # The planted model's int8 misses the target, so recovery measures, diagnoses and repairs it:
     # every embedding it computes goes through a model that takes one image at a time.
