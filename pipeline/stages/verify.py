@@ -27,10 +27,10 @@ import numpy as np
 from pipeline.core.errors import UserError
 from pipeline.core.files import require_file, sha256_file
 from pipeline.core.progress import NULL_PROGRESS, Progress
-from pipeline.data.bins import read_bin
+from pipeline.data.bins import VerificationBin, read_bin
 from pipeline.data.preprocess import preprocess
 from pipeline.eval import protocol as M
-from pipeline.eval.embeddings import embed_pairs_with_info, open_model
+from pipeline.eval.embeddings import EmbedInfo, embed_pairs_with_info, open_model
 from pipeline.eval.speed import SpeedResult, benchmark
 from pipeline.recipe import GateSection, InputSpec, VerifySection
 from pipeline.runtime.session import OnnxModel
@@ -219,6 +219,50 @@ def _gate(datasets: list[DatasetResult], speed: SpeedResult, gate: GateSection) 
     }
 
 
+def _check_settings(data: list[Path], verify: VerifySection) -> list[str]:
+    """The data sets' names; a UserError for settings the protocol cannot run with."""
+    if not data:
+        raise UserError("verify needs at least one verification set (--data FILE.bin)")
+    names = _dataset_names(list(data))
+    if verify.folds < 2:
+        raise UserError(f"verify.folds must be at least 2, got {verify.folds}")
+    if verify.pairs is not None and verify.pairs < verify.folds:
+        raise UserError(f"verify.pairs is {verify.pairs}: needs at least one pair per fold ({verify.folds} folds)")
+    if verify.batch <= 0 or verify.throughput_batch <= 0:
+        raise UserError("verify.batch and verify.throughput_batch must be positive")
+    return names
+
+
+def _read_sets(data: list[Path], folds: int) -> list[VerificationBin]:
+    bins = [read_bin(p) for p in data]
+    for b in bins:
+        if b.num_pairs < folds:
+            raise UserError(f"{b.path}: {b.num_pairs} pairs cannot be split into {folds} folds")
+    return bins
+
+
+def _score(role: str, emb: np.ndarray, info: EmbedInfo, b: VerificationBin, pairs: int, folds: int) -> ModelEval:
+    m = M.evaluate(emb[0::2], emb[1::2], b.issame[:pairs], folds=folds)
+    return ModelEval(role=role, metrics=m, cached=info.cached, seconds=info.seconds, nonfinite=info.nonfinite, embedding_dim=int(emb.shape[1]))
+
+
+def _settings(input_spec: InputSpec, verify: VerifySection, gate: GateSection) -> dict[str, Any]:
+    """report.json's settings: the recipe sections used and the protocol's fixed choices."""
+    return {
+        "verify": verify.model_dump(mode="json"),
+        "gate": gate.model_dump(mode="json"),
+        "input": input_spec.model_dump(mode="json"),
+        "protocol": {
+            "distance": "squared L2 of L2-normalised (image + flip) embeddings" if verify.flip else "squared L2 of L2-normalised embeddings",
+            "folds": verify.folds,
+            "shuffle": False,
+            "thresholds": "np.arange(0, 4, 0.01)",
+            "val_thresholds": "np.arange(0, 4, 0.001)",
+            "far_target": M.FAR_TARGET,
+        },
+    }
+
+
 def verify(
     fp32: Path,
     int8: Path,
@@ -246,69 +290,48 @@ def verify(
     t0 = time.perf_counter()
     fp32 = require_file(fp32, "fp32 model")
     int8 = require_file(int8, "int8 model")
-    if not data:
-        raise UserError("verify needs at least one verification set (--data FILE.bin)")
-    names = _dataset_names(list(data))
-    if verify.folds < 2:
-        raise UserError(f"verify.folds must be at least 2, got {verify.folds}")
-    if verify.pairs is not None and verify.pairs < verify.folds:
-        raise UserError(f"verify.pairs is {verify.pairs}: needs at least one pair per fold ({verify.folds} folds)")
-    if verify.batch <= 0 or verify.throughput_batch <= 0:
-        raise UserError("verify.batch and verify.throughput_batch must be positive")
+    names = _check_settings(data, verify)
     threads = verify.threads or envinfo.physical_cores()
     speed_rule = gate.speed_threshold()  # the CPU's ISA class picks the threshold; no applicable one stops here, before any work
+    bins = _read_sets(data, verify.folds)
 
-    bins = [read_bin(p) for p in data]
-    for name, b in zip(names, bins):
-        if b.num_pairs < verify.folds:
-            raise UserError(f"{b.path}: {b.num_pairs} pairs cannot be split into {verify.folds} folds")
-
+    # Accuracy. The fp32 model is opened at most once, and only if some of its embeddings are not cached.
     int8_model: OnnxModel | None = open_model(int8, input_spec, threads=threads)
     fp32_sha = sha256_file(fp32)
     opened: list[OnnxModel] = []
 
     def fp32_runner() -> OnnxModel:
-        # Opened at most once, and only if some fp32 embeddings are not in the cache.
         if not opened:
             opened.append(open_model(fp32, input_spec, threads=threads))
         return opened[0]
 
+    embed_kw = dict(input_spec=input_spec, flip=verify.flip, batch=verify.batch, progress=progress)
     datasets: list[DatasetResult] = []
     for name, b in zip(names, bins):
         n = b.num_pairs if verify.pairs is None else min(verify.pairs, b.num_pairs)
         subset = n < b.num_pairs
         if subset:
             progress.log(f"{name}: SUBSET gate on the first {n} of {b.num_pairs} pairs")
-        evals = {}
-        for role in ("fp32", "int8"):
-            if role == "fp32":
-                emb, info = embed_pairs_with_info(
-                    fp32, b, input_spec=input_spec, flip=verify.flip, batch=verify.batch, pairs=n, cache_dir=cache_dir,
-                    progress=progress, label=f"fp32 {name}", runner=fp32_runner, model_sha256=fp32_sha,
-                )
-            else:
-                emb, info = embed_pairs_with_info(
-                    int8_model, b, input_spec=input_spec, flip=verify.flip, batch=verify.batch, pairs=n,
-                    progress=progress, label=f"int8 {name}",
-                )
-            m = M.evaluate(emb[0::2], emb[1::2], b.issame[:n], folds=verify.folds)
-            evals[role] = ModelEval(role=role, metrics=m, cached=info.cached, seconds=info.seconds, nonfinite=info.nonfinite, embedding_dim=int(emb.shape[1]))
+        emb, info = embed_pairs_with_info(
+            fp32, b, pairs=n, cache_dir=cache_dir, label=f"fp32 {name}", runner=fp32_runner, model_sha256=fp32_sha, **embed_kw
+        )
+        fp = _score("fp32", emb, info, b, n, verify.folds)
+        emb, info = embed_pairs_with_info(int8_model, b, pairs=n, label=f"int8 {name}", **embed_kw)
+        it = _score("int8", emb, info, b, n, verify.folds)
         datasets.append(
-            DatasetResult(name=name, path=Path(b.path).resolve(), sha256=b.sha256(), pairs=n, total_pairs=b.num_pairs, subset=subset, fp32=evals["fp32"], int8=evals["int8"])
+            DatasetResult(name=name, path=Path(b.path).resolve(), sha256=b.sha256(), pairs=n, total_pairs=b.num_pairs, subset=subset, fp32=fp, int8=it)
         )
 
-    # The timing sessions are the only ones alive while timing (embedding sessions can be large).
+    # Speed. The timing sessions are the only ones alive while timing (embedding sessions can be large).
     opened.clear()
     int8_model = None
-
-    # Time on real faces: realistic activations, and the same inputs for both models.
+    # Timed on real faces: realistic activations, and the same inputs for both models.
     first = bins[0]
     k = min(first.num_images, max(1, verify.throughput_batch))
-    inputs = preprocess(first.decode_many(np.arange(k)), input_spec)
     speed = benchmark(
         fp32,
         int8,
-        inputs=inputs,
+        inputs=preprocess(first.decode_many(np.arange(k)), input_spec),
         input_name=input_spec.name,
         output_name=input_spec.output,
         threads=threads,
@@ -326,19 +349,7 @@ def verify(
         speed=speed,
         gate=speed_rule.annotate(_gate(datasets, speed, gate.model_copy(update={"min_speedup": speed_rule.min_speedup}))),
         environment={**envinfo.environment(), "threads": threads},
-        settings={
-            "verify": verify.model_dump(mode="json"),
-            "gate": gate.model_dump(mode="json"),
-            "input": input_spec.model_dump(mode="json"),
-            "protocol": {
-                "distance": "squared L2 of L2-normalised (image + flip) embeddings" if verify.flip else "squared L2 of L2-normalised embeddings",
-                "folds": verify.folds,
-                "shuffle": False,
-                "thresholds": "np.arange(0, 4, 0.01)",
-                "val_thresholds": "np.arange(0, 4, 0.001)",
-                "far_target": M.FAR_TARGET,
-            },
-        },
+        settings=_settings(input_spec, verify, gate),
     )
     result.seconds = time.perf_counter() - t0
     return result
