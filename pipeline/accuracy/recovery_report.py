@@ -94,7 +94,8 @@ class RecoverResult:
             "diagnosis": self.diagnosis,
             "speed": self.speed,
             "repaired_model": str(self.repaired_model) if self.repaired_model else None,
-            "quantize": {k: v for k, v in self.quantize.to_dict().items() if k != "recovery"},
+            # The manifest is written after this report, by the caller: its path is not this report's to give.
+            "quantize": {k: v for k, v in self.quantize.to_dict().items() if k not in ("recovery", "manifest")},
             "seconds": round(self.seconds, 3),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "warnings": list(self.warnings),

@@ -22,7 +22,7 @@ from pipeline.accuracy.ranges import TensorStats
 from pipeline.accuracy.rewrites import equalize_pair, find_linear_pair, range_ratio, zero_channels
 from pipeline.core.errors import UserError
 from pipeline.core.progress import NULL_PROGRESS, Progress
-from pipeline.runtime.graph import cosine_rows
+from pipeline.eval.protocol import cosine_rows
 from pipeline.runtime.session import OnnxModel
 
 if TYPE_CHECKING:
