@@ -314,6 +314,15 @@ def test_recover_needs_verification_pairs(tmp_path: Path):
     r = _recipe()
     with pytest.raises(UserError, match="verification pairs"):
         recover(model, folder, tmp_path / "int8.onnx", input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r)
+    # From the command line: found before quantizing, so no int8 model is left without its manifest.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nmodel: {urls: [m.onnx], input: {size: [32, 32]}}\ncalibration: {samples: 4}\n")
+    out = tmp_path / "q" / "int8.onnx"
+    res = CliRunner().invoke(
+        app, ["quantize", "--recipe", str(recipe), "--model", str(model), "--calib", str(folder), "--out", str(out), "--recover", "-q"]
+    )
+    assert res.exit_code == 2 and "verification pairs" in res.output and "Traceback" not in res.output
+    assert not out.exists() and not (out.parent / "manifest.json").exists()
 
 
 # --- the real failing twin (issue 8) ----------------------------------------------------------------

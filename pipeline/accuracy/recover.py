@@ -285,6 +285,31 @@ class _Recovery:
         return res
 
 
+_NEEDS_PAIRS = "accuracy recovery needs verification pairs to score its candidates: give a .bin as --calib, not an image folder"
+
+
+def check_recovery(quantization: "QuantizationSection", recipe: "Recipe | None", eval_data: str | Path) -> float:
+    """The target drop in points; a UserError for recovery settings or evaluation data that cannot work.
+
+    Cheap (nothing is read), so that a caller can check before it quantizes. ``eval_data``:
+    what will score the candidates (a folder of images cannot).
+    """
+    from pipeline.recipe import GateSection
+
+    rec = quantization.recovery
+    gate = recipe.gate if recipe is not None else GateSection()
+    target = rec.max_accuracy_drop if rec.max_accuracy_drop is not None else gate.max_accuracy_drop
+    if target < 0:
+        raise UserError(f"quantization.recovery.max_accuracy_drop must be >= 0, got {target}")
+    if rec.max_fp32_nodes < 0:
+        raise UserError(f"quantization.recovery.max_fp32_nodes must be >= 0, got {rec.max_fp32_nodes}")
+    if rec.sensitivity_samples <= 0:
+        raise UserError(f"quantization.recovery.sensitivity_samples must be positive, got {rec.sensitivity_samples}")
+    if Path(eval_data).is_dir():
+        raise UserError(_NEEDS_PAIRS)
+    return target
+
+
 def recover(
     model: str | Path,
     calib: str | Path,
@@ -324,7 +349,7 @@ def recover(
     """
     from pipeline.core.environment import physical_cores
     from pipeline.data.bins import VerificationBin, open_images
-    from pipeline.recipe import ConvertSection, GateSection, VerifySection
+    from pipeline.recipe import ConvertSection, VerifySection
     from pipeline.runtime.graph import find_input, find_output, load_model
 
     progress = progress or NULL_PROGRESS
@@ -332,18 +357,11 @@ def recover(
     model = require_file(model, "fp32 model")
     out = Path(out)
     rec = quantization.recovery
-    gate = recipe.gate if recipe is not None else GateSection()
     vs = recipe.verify if recipe is not None else VerifySection()
-    target = rec.max_accuracy_drop if rec.max_accuracy_drop is not None else gate.max_accuracy_drop
-    if target < 0:
-        raise UserError(f"quantization.recovery.max_accuracy_drop must be >= 0, got {target}")
-    if rec.max_fp32_nodes < 0:
-        raise UserError(f"quantization.recovery.max_fp32_nodes must be >= 0, got {rec.max_fp32_nodes}")
-    if rec.sensitivity_samples <= 0:
-        raise UserError(f"quantization.recovery.sensitivity_samples must be positive, got {rec.sensitivity_samples}")
+    target = check_recovery(quantization, recipe, eval_data if eval_data is not None else calib)
     ev_source = open_images(eval_data if eval_data is not None else calib)
     if not isinstance(ev_source, VerificationBin):
-        raise UserError("accuracy recovery needs verification pairs to score its candidates: give a .bin as --calib, not an image folder")
+        raise UserError(_NEEDS_PAIRS)
     if first is not None and not Path(first.output).is_file():
         raise UserError(f"recovery was handed the recipe's int8 model at {first.output}, but there is no such file")
     source = load_model(model, "fp32 model")

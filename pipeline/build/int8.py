@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.accuracy.recover import recover
+from pipeline.accuracy.recover import check_recovery, recover
 from pipeline.build.manifest import write_quantize_manifest
 from pipeline.stages.quantize.stage import QuantizeResult, quantize
 
@@ -58,6 +58,9 @@ def build_int8(
     Returns the quantize result of the model at ``out``: its ``recovery`` holds the
     manifest's recovery section when recovery ran, its ``manifest`` the manifest's path.
     """
+    if quantization.recovery.enabled:
+        # Before quantizing: a recovery that cannot run must not leave an int8 model without its manifest.
+        check_recovery(quantization, recipe, eval_data if eval_data is not None else calib)
     res = quantize(
         model, calib, out, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
         source_model=source_model, eval_data=eval_data, progress=progress,
