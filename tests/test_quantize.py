@@ -532,12 +532,12 @@ def test_inc_histogram_calibration_streams_and_gives_inc_own_ranges(
 
 def test_ort_histogram_calibration_reads_the_batches_in_slices(material: dict[str, Path]) -> None:
     from pipeline.data.calibration import CalibrationData
-    from pipeline.stages.quantize.ort import calibration_stride as _calibration_stride
+    from pipeline.stages.quantize.ort import calibration_stride
 
     mb = 1 << 20
-    assert _calibration_stride(200, 40 * mb) == 25  # 1 GiB / 40 MiB = 25 batches, which divides 200
-    assert _calibration_stride(200, 100 * mb) == 10 and _calibration_stride(7, mb) == 7 and _calibration_stride(17, 100 * mb) == 1
-    assert _calibration_stride(200, 2 << 30) == 1
+    assert calibration_stride(200, 40 * mb) == 25  # 1 GiB / 40 MiB = 25 batches, which divides 200
+    assert calibration_stride(200, 100 * mb) == 10 and calibration_stride(7, mb) == 7 and calibration_stride(17, 100 * mb) == 1
+    assert calibration_stride(200, 2 << 30) == 1
     cd = CalibrationData(read_bin(material["bin"]), _recipe().model.input, samples=6, seed=0, batch_size=2, flip=True)
     whole = list(cd.arrays())
     assert len(whole) == len(cd) == 6

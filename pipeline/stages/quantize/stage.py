@@ -16,30 +16,13 @@ calibration set, the resolved recipe and its hash, the calibration indices,
 library versions, CPU facts, wall time and peak memory) comes back in the
 result, :meth:`QuantizeResult.manifest_body`; the build layer writes it.
 
-Both engines are deterministic for the same inputs and recipe (same bytes).
-INC's default for ``reduce_range`` depends on the CPU (7-bit weights unless
-the CPU has VNNI), which would make the bytes machine-dependent; the recipe
-therefore always passes an explicit value, and it means the same in both
-engines (:mod:`~pipeline.stages.quantize.scheme`): 7-bit weights in the
-GEMM-based kernels, 8-bit activations, 8-bit depthwise weights
-(:mod:`~pipeline.stages.quantize.depthwise`).
-
-Measured on the converted MobileFaceNet, 200 LFW calibration faces, full LFW
-(fp32 99.55), on an AVX2 CPU without VNNI:
-
-===========================================================  =======  =======
-setting                                                       inc      ort
-===========================================================  =======  =======
-INC's defaults here (7-bit weights *and* activations), minmax  99.15
-per-tensor weights, minmax                                             99.05
-8-bit weights (u8s8 int16 saturation), minmax                  99.37
-7-bit weights, minmax                                          99.40    99.47
-7-bit weights, 8-bit depthwise, minmax                         99.35    99.38
-7-bit weights, percentile                                               99.37
-7-bit weights, 8-bit depthwise, percentile (the default)       99.53    99.47
-===========================================================  =======  =======
-
-The default holds for calibration seeds 0 and 1 alike.
+Both engines are deterministic for the same inputs and recipe (same bytes;
+the explicit ``reduce_range`` keeps INC's CPU-dependent default out, see
+:mod:`~pipeline.stages.quantize.inc`). The recipe's settings mean the same in
+both engines (:mod:`~pipeline.stages.quantize.scheme`): by default 7-bit
+weights in the GEMM-based kernels, 8-bit activations, 8-bit depthwise weights
+(:mod:`~pipeline.stages.quantize.depthwise`). What each setting costs or gains
+on MobileFaceNet is measured in ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -74,7 +57,7 @@ from pipeline.stages.quantize.scheme import QuantScheme
 if TYPE_CHECKING:
     from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection, Recipe
 
-MANIFEST_NAME = "manifest.json"
+# The manifest body's schema: the build layer writes the body as manifest.json beside the model.
 MANIFEST_SCHEMA = "qpipe.quantize-manifest/1"
 
 ENGINES: dict[str, Engine] = {"inc": inc.ENGINE, "ort": ort.ENGINE}
