@@ -39,7 +39,10 @@ DECODE_CHUNK = 256
 
 
 class PairImages(Protocol):
-    """What :func:`embed_pairs` reads: images 2k and 2k+1 are pair k (a VerificationBin or a view of one)."""
+    """What :func:`embed_pairs` reads: images 2k and 2k+1 are pair k (a VerificationBin or a view of one).
+
+    The embedding cache also needs the data's identity, ``sha256()``, which a view need not have.
+    """
 
     path: Path
     num_pairs: int
