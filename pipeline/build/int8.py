@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.accuracy.recover import check_recovery, recover
-from pipeline.build.manifest import write_quantize_manifest
+from pipeline.build.manifest import MANIFEST_NAME, write_quantize_manifest
 from pipeline.stages.quantize.stage import QuantizeResult, quantize
 
 if TYPE_CHECKING:
@@ -58,17 +58,24 @@ def build_int8(
     Returns the quantize result of the model at ``out``: its ``recovery`` holds the
     manifest's recovery section when recovery ran, its ``manifest`` the manifest's path.
     """
-    if quantization.recovery.enabled:
+    recovering = quantization.recovery.enabled
+    if recovering:
         # Before quantizing: a recovery that cannot run must not leave an int8 model without its manifest.
         check_recovery(quantization, recipe, eval_data if eval_data is not None else calib)
+
+    def manifest_first(body: dict) -> None:
+        # Without recovery the manifest goes in before the model it describes replaces the old one.
+        write_quantize_manifest(out, body)
+
     res = quantize(
         model, calib, out, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
-        source_model=source_model, eval_data=eval_data, progress=progress,
+        source_model=source_model, eval_data=eval_data, before_publish=None if recovering else manifest_first, progress=progress,
     )
-    if quantization.recovery.enabled:
-        res = recover(
-            model, calib, out, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
-            source_model=source_model, eval_data=eval_data, first=res, report_dir=report_dir, cache_dir=cache_dir, progress=progress,
-        ).quantize
+    if not recovering:
+        return dataclasses.replace(res, manifest=Path(out).parent / MANIFEST_NAME)
+    res = recover(
+        model, calib, out, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
+        source_model=source_model, eval_data=eval_data, first=res, report_dir=report_dir, cache_dir=cache_dir, progress=progress,
+    ).quantize
     manifest = write_quantize_manifest(res.output, res.manifest_body(), recovery=res.recovery)
     return dataclasses.replace(res, manifest=manifest)

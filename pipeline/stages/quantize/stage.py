@@ -36,13 +36,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from pipeline.core.environment import PeakMemory, environment
 from pipeline.core.errors import UserError
-from pipeline.core.files import atomic_write_bytes, require_file, sha256_bytes, sha256_file
+from pipeline.core.files import atomic_path, require_file, sha256_bytes, sha256_file
 from pipeline.core.progress import NULL_PROGRESS, Progress
 from pipeline.data.bins import VerificationBin, open_images
 from pipeline.data.calibration import CalibrationData
@@ -123,11 +123,15 @@ def quantize(
     recipe: "Recipe | None" = None,
     source_model: str | Path | None = None,
     eval_data: str | Path | None = None,
+    before_publish: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress | None = None,
 ) -> QuantizeResult:
     """Quantize a converted fp32 model to int8 with the recipe's engine and write it atomically at ``out``.
 
     The manifest is not written here: :meth:`QuantizeResult.manifest_body` holds it.
+    ``before_publish`` is called with that body once the model is complete but before it
+    is renamed to ``out``: a caller that writes the manifest there never leaves a new
+    model beside an old manifest (a full disk stops the manifest, and the model with it).
 
     Args:
         model: the converted fp32 ONNX model (opset 10+, initializers not listed as inputs).
@@ -251,7 +255,10 @@ def quantize(
         "timing": {"quantize": {"seconds": round(seconds, 3), "peak_rss_mb": round(mem.peak_mb, 1)}},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write_bytes(out, int8_bytes)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(int8_bytes)
+        if before_publish is not None:
+            before_publish(copy.deepcopy(record))
     del int8_bytes
     for w in warnings:
         progress.log(f"warning: {w}")
