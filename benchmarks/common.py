@@ -102,7 +102,7 @@ def _child_quantize(v: Variant, src: str, out: str, calib: str, samples: int) ->
 
     import onnx
 
-    from pipeline.stages.quantize.stage import count_ops
+    from pipeline.stages.quantize.opcounts import count_ops
 
     logging.disable(logging.WARNING)
     t0 = time.perf_counter()
@@ -128,7 +128,8 @@ def _child_quantize(v: Variant, src: str, out: str, calib: str, samples: int) ->
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        from pipeline.data.bins import CalibrationData, open_images
+        from pipeline.data.bins import open_images
+        from pipeline.data.calibration import CalibrationData
         from pipeline.recipe import InputSpec
 
         data = CalibrationData(open_images(calib), InputSpec(), samples=samples, input_name="data")
@@ -197,14 +198,14 @@ def interleaved(paths: dict[str, Path], x: np.ndarray, *, rounds: int, runs: int
     Each round runs ``runs`` inferences of every model (its figure is their
     median); the starting model rotates from round to round, so a slow phase of
     the machine lands on all models in turn. Sessions come from
-    pipeline.eval.speed.OnnxModel (no spinning threads, sequential execution), the
+    pipeline.runtime.session.OnnxModel (no spinning threads, sequential execution), the
     same sessions verification uses. pipeline.eval.speed.benchmark does this for one
     pair; here fp32 is shared by all variants so they are compared under the
     same load.
     """
     import gc
 
-    from pipeline.eval.speed import OnnxModel
+    from pipeline.runtime.session import OnnxModel
 
     models = {n: OnnxModel(p, threads=threads) for n, p in paths.items()}
     names = list(models)
@@ -236,7 +237,8 @@ def interleaved(paths: dict[str, Path], x: np.ndarray, *, rounds: int, runs: int
 
 def faces(n: int = 16) -> np.ndarray:
     """``n`` preprocessed LFW faces (the timing and cosine inputs); seeded random pixels without ../shared."""
-    from pipeline.data.bins import preprocess, read_bin
+    from pipeline.data.bins import read_bin
+    from pipeline.data.preprocess import preprocess
     from pipeline.recipe import InputSpec
 
     if LFW.exists():
@@ -246,7 +248,7 @@ def faces(n: int = 16) -> np.ndarray:
 
 
 def worst_cosine(fp32: Path, int8: Path, x: np.ndarray) -> float:
-    from pipeline.eval.speed import OnnxModel
+    from pipeline.runtime.session import OnnxModel
 
     a = OnnxModel(fp32, threads=1)
     b = OnnxModel(int8, threads=1)

@@ -91,7 +91,7 @@ def _stage_verify(fp32: str, int8: str, data: str, recipe: str, pairs: int | Non
 def _stage_throughput(fp32: str, int8: str, batch: int, rounds: int) -> dict[str, Any]:
     import numpy as np
 
-    from pipeline.eval.speed import OnnxModel
+    from pipeline.runtime.session import OnnxModel
 
     x = np.ascontiguousarray(np.resize(common.faces(batch), (batch, 3, 112, 112)), dtype=np.float32)
     models = {"fp32": OnnxModel(fp32), "int8": OnnxModel(int8)}

@@ -10,6 +10,12 @@ graph optimisations, so the names are the kernels that actually ran, e.g.
 ``QLinearConv`` or the NCHWc ``Conv``) and divided by the run count. The
 models are profiled one after the other, alternating, ``--repeats`` times, and
 the per-op figure is the median over repeats.
+
+The input is a real LFW face preprocessed as the model expects (``--recipe``
+takes ``model.input`` from a recipe; ``--mean``/``--std`` switch to mean/std
+scaling): per-channel PRelu costs depend on the data, and uniform noise gives
+a different op profile from a face. Without ../shared the input falls back to
+seeded random pixels, and the table says so.
 """
 
 from __future__ import annotations
@@ -27,6 +33,36 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+
+
+def face_input(spec, index: int = 0) -> tuple[np.ndarray, str]:
+    """One preprocessed LFW face (``spec``: recipe ``model.input``) and a line saying what it is."""
+    from pipeline.data.bins import read_bin
+    from pipeline.data.preprocess import preprocess
+
+    if common.LFW.exists():
+        b = read_bin(common.LFW)
+        x = preprocess(b.decode_many(np.array([index])), spec)
+        return x, f"input: LFW face {index} of {common.LFW.name}, {spec.channels}, scale {spec.scale}"
+    h, w = spec.size
+    pixels = np.random.default_rng(0).integers(0, 256, size=(1, h, w, 3), dtype=np.uint8)
+    return preprocess(pixels, spec), f"input: seeded random pixels ({common.LFW} not found), scale {spec.scale}"
+
+
+def input_spec(recipe: Path | None, mean: list[float] | None, std: list[float] | None, bgr: bool):
+    from pipeline.recipe import InputSpec, load_recipe
+
+    spec = load_recipe(recipe).model.input if recipe is not None else InputSpec()
+    changes: dict = {}
+    if mean is not None or std is not None:
+        changes["scale"] = "mean_std"
+        if mean is not None:
+            changes["mean"] = mean * 3 if len(mean) == 1 else mean
+        if std is not None:
+            changes["std"] = std * 3 if len(std) == 1 else std
+    if bgr:
+        changes["channels"] = "BGR"
+    return InputSpec.model_validate({**spec.model_dump(), **changes}) if changes else spec
 
 
 def profile_once(path: Path, x: np.ndarray, *, runs: int, warmup: int, threads: int, tmp: str) -> dict[str, float]:
@@ -72,11 +108,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--recipe", type=Path, default=None, help="take the input preprocessing from this recipe's model.input")
+    ap.add_argument("--mean", type=float, nargs="+", default=None, help="mean/std scaling: mean (one value or three)")
+    ap.add_argument("--std", type=float, nargs="+", default=None, help="mean/std scaling: std (one value or three)")
+    ap.add_argument("--bgr", action="store_true", help="the model takes BGR")
+    ap.add_argument("--face", type=int, default=0, help="index of the LFW image fed to the models")
     a = ap.parse_args(argv)
+    for v in (a.mean, a.std):
+        if v is not None and len(v) not in (1, 3):
+            ap.error("--mean and --std take one value or three")
     from pipeline.core.environment import physical_cores
 
     threads = a.threads or physical_cores()
-    x = common.faces(4)
+    x, what = face_input(input_spec(a.recipe, a.mean, a.std, a.bgr), a.face)
     per: dict[str, list[dict[str, float]]] = {str(p): [] for p in a.models}
     load0 = common.load_avg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
     print(f"onnxruntime profile, batch 1, {threads} threads, {a.runs} runs x {a.repeats} repeats (median); load average {load0} -> {common.load_avg()}")
     print(common.cpu_line())
+    print(what)
     print(common.markdown_table(header, rows))
     return med
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     acc_raw: dict[str, dict] = {}
     if a.lfw_pairs > 0:
         from pipeline.data.bins import read_bin
-        from pipeline.stages.quantize.stage import pair_accuracy
+        from pipeline.stages.quantize.tuning import pair_accuracy
         from pipeline.recipe import InputSpec
 
         b = read_bin(common.LFW)

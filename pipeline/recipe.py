@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml  # PyYAML: the YAML parser, with node marks for line numbers in errors
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, PrivateAttr, field_validator, model_validator
 
 from pipeline.core.errors import UserError
 
@@ -202,7 +202,38 @@ class VerifySection(_Section):
 
 class GateSection(_Section):
     max_accuracy_drop: float = Field(0.1, description="Largest allowed fp32 - int8 LFW accuracy drop, in percentage points.")
-    min_speedup: float = Field(1.0, description="Smallest allowed median int8 speedup over fp32 at batch 1.")
+    min_speedup: float = Field(1.0, description="Smallest allowed median int8 speedup over fp32 at batch 1 (on every CPU when min_speedup_by_class is null).")
+    min_speedup_by_class: dict[str, float] | None = Field(
+        None,
+        description="min_speedup per ISA class of the measuring CPU (amx, avx512_vnni, avx_vnni, avx2): the most capable named class "
+        "the CPU has applies; `default`: a CPU in none of them (without it such a CPU is an error, exit 2); null: min_speedup everywhere.",
+    )
+
+    @field_validator("min_speedup_by_class")
+    @classmethod
+    def _known_classes(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        from pipeline.core.environment import DEFAULT_THRESHOLD_KEY, ISA_CLASSES
+
+        unknown = sorted(set(v or {}) - {*ISA_CLASSES, DEFAULT_THRESHOLD_KEY})
+        if unknown:
+            raise ValueError(f"unknown ISA class {unknown[0]!r}: use {', '.join(ISA_CLASSES)} or {DEFAULT_THRESHOLD_KEY}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_threshold_per_cpu(self) -> "GateSection":
+        # With a table, min_speedup would be silently unused: say where the figure belongs.
+        if self.min_speedup_by_class and self.min_speedup != 1.0:
+            raise ValueError(
+                f"min_speedup {self.min_speedup} is not used when min_speedup_by_class is given: "
+                "put it in the table as `default` (the threshold on a CPU in none of the named classes)"
+            )
+        return self
+
+    def speed_threshold(self, cpu: Any = None) -> Any:
+        """The speed threshold for the measuring CPU (``cpu``: a core.environment.CpuClass; default detected)."""
+        from pipeline.core.environment import speed_threshold
+
+        return speed_threshold(self.min_speedup, self.min_speedup_by_class, cpu)
 
 
 class Recipe(_Section):

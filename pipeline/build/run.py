@@ -427,6 +427,7 @@ def run(
     embeddings = (Path(embeddings_dir) if embeddings_dir is not None else DEFAULT_EMBEDDINGS).absolute()
     if recipe.data is None:
         raise UserError(f"recipe {recipe.name!r} has no `data:` source: `qpipe run` needs a verification .bin to calibrate and gate on")
+    recipe.gate.speed_threshold()  # a CPU the recipe has no speed threshold for fails before the build, not after it
     name_dir = root / recipe.name
     try:
         name_dir.mkdir(parents=True, exist_ok=True)
@@ -484,6 +485,73 @@ def run(
             recipe=recipe.name, directory=run_dir, gate=gate, stages=stages, manifest=manifest_path,
             model_card=run_dir / CARD_NAME, latest=latest, warnings=warnings,
         )
+
+
+# --- several recipes in one command -----------------------------------------------------
+
+
+def expand_recipe_paths(values: list[str | os.PathLike[str]]) -> list[Path]:
+    """Recipe paths in the order given; a quoted glob (``'recipes/*.yaml'``) expands sorted; duplicates once."""
+    import glob
+
+    out: list[Path] = []
+    for v in values:
+        text = os.fspath(v)
+        if not Path(text).exists() and glob.has_magic(text):
+            found = sorted(glob.glob(text))
+            if not found:
+                raise UserError(f"no recipe matches {text!r}")
+            out += [Path(f) for f in found]
+        else:
+            out.append(Path(text))
+    unique: dict[Path, Path] = {}
+    for p in out:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
+
+
+@dataclass
+class RecipeOutcome:
+    """One recipe of a multi-recipe run: its build, or the error that stopped it."""
+
+    path: str
+    result: RunResult | None = None
+    error: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.result is None else (0 if self.result.passed else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe_file": self.path, "exit_code": self.exit_code, "error": self.error, "build": self.result.to_dict() if self.result else None}
+
+
+def run_many(
+    jobs: list[tuple[str, Recipe, str | None]], *, on_outcome: Callable[[RecipeOutcome], None] | None = None, **kwargs: Any
+) -> list[RecipeOutcome]:
+    """Build each (path, recipe, command) in turn with the same caches (``kwargs`` as :func:`run`).
+
+    A recipe that stops with a user error is recorded and the next one still
+    builds; the fp32 embeddings and downloads one recipe caches serve the
+    others that share its model or data. ``on_outcome`` hears of each recipe
+    as soon as it is done.
+    """
+    outcomes = []
+    for path, recipe, command in jobs:
+        try:
+            outcome = RecipeOutcome(path, result=run(recipe, command=command, **kwargs))
+        except UserError as e:
+            outcome = RecipeOutcome(path, error=str(e))
+        outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+    return outcomes
+
+
+def combined_exit_code(outcomes: list[RecipeOutcome]) -> int:
+    """0 when every gate passed, 2 when any recipe stopped with an error, else 1 (a gate failed)."""
+    codes = {o.exit_code for o in outcomes}
+    return 2 if 2 in codes else (1 if 1 in codes else 0)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -547,19 +615,22 @@ def _quantize_stage(recipe, state, run_dir, source_model, fp32_sha, data_path, d
 
 
 def _verify_stage(recipe, state, run_dir, fp32_sha, int8_sha, data_path, data_sha, embeddings, progress) -> StageRecord:
+    from pipeline.stages.report import write_reports
     from pipeline.stages.verify import verify
 
     key = _stage_key(
-        "verify", fp32=fp32_sha, int8=int8_sha, data=data_sha, settings=_settings(recipe.model.input, recipe.verify, recipe.gate)
+        "verify", fp32=fp32_sha, int8=int8_sha, data=data_sha, settings=_settings(recipe.model.input, recipe.verify, recipe.gate),
+        cpu=recipe.gate.speed_threshold().to_dict(),  # timed on another class of CPU, the gate is another gate
     )
 
     def body(work: Path) -> tuple[dict[str, Any], list[str]]:
         res = verify(
             run_dir / FP32_NAME, run_dir / INT8_NAME, [data_path], input_spec=recipe.model.input, verify=recipe.verify,
-            gate=recipe.gate, report_dir=work, cache_dir=embeddings, progress=progress,
+            gate=recipe.gate, cache_dir=embeddings, progress=progress,
         )
+        write_reports(res, work)
         g = res.gate
-        gate = {k: g.get(k) for k in ("passed", "reasons", "max_accuracy_drop", "min_speedup")}
+        gate = {k: g.get(k) for k in ("passed", "reasons", "max_accuracy_drop", "min_speedup", "cpu_class")}
         gate["passed"] = bool(gate["passed"])
         produced = [f for f in REPORT_FILES if (work / f).is_file()]
         if "report.json" not in produced:

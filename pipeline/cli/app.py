@@ -263,8 +263,9 @@ def verify(
     quiet: QuietOpt = False,
 ) -> None:
     """Gate the int8 model on verification accuracy parity with fp32 and on measured speedup (exit 1 on failure)."""
-    from pipeline.stages.report import summary_lines
-    from pipeline.stages.verify import default_data, verify as run_verify
+    from pipeline.stages.download import local_data_file
+    from pipeline.stages.report import summary_lines, write_reports
+    from pipeline.stages.verify import verify as run_verify
 
     r = _recipe(
         recipe,
@@ -274,20 +275,23 @@ def verify(
             "verify.rounds": rounds,
             "gate.max_accuracy_drop": max_accuracy_drop,
             "gate.min_speedup": min_speedup,
+            "gate.min_speedup_by_class": {} if min_speedup is not None else None,  # --min-speedup applies on every CPU
         },
     )
     if fp32 is None or int8 is None:
         raise UserError("verify needs --fp32 and --int8: the two models to compare")
     sets = list(data or [])
     if not sets and recipe is not None:
-        found = default_data(r, DEFAULT_CACHE)
+        found = local_data_file(r, DEFAULT_CACHE)
         sets = [found] if found is not None else []
     if not sets:
         raise UserError("verify needs --data FILE.bin (an insightface verification set; give it several times for several sets)")
     res = run_verify(
         fp32, int8, sets, input_spec=r.model.input, verify=r.verify, gate=r.gate,
-        report_dir=report, cache_dir=cache_dir, progress=_progress(quiet),
+        cache_dir=cache_dir, progress=_progress(quiet),
     )
+    if report is not None:
+        write_reports(res, report)
     _emit(res, json_out, summary_lines(res))
     if not res.passed:
         raise GateFailed(res.gate["reasons"])
@@ -296,7 +300,14 @@ def verify(
 @app.command()
 @stage_command
 def run(
-    recipe: RecipeOpt = Path("recipes/int8.yaml"),
+    recipe: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--recipe", "-r",
+            help="YAML build recipe [recipes/int8.yaml]; give it several times, or a quoted glob ('recipes/*.yaml'), "
+            "to build several in turn with the same caches (exit 0: all passed, 1: a gate failed, 2: an error).",
+        ),
+    ] = None,
     workdir: Annotated[Optional[Path], typer.Option(help="Artifact root [artifacts/].")] = None,
     offline: Annotated[bool, typer.Option(help="Use only cached downloads.")] = False,
     cache: Annotated[Path, typer.Option(help="Download cache (as `qpipe download --dest`).")] = DEFAULT_CACHE,
@@ -309,22 +320,76 @@ def run(
     quiet: QuietOpt = False,
 ) -> None:
     """Download, convert, quantize and verify into artifacts/<name>/<date>-<hash>/; exit code as verify."""
-    from pipeline.build.run import reproduce_command
+    from pipeline.build.run import combined_exit_code, expand_recipe_paths, reproduce_command, run_many
     from pipeline.build.run import run as run_build
 
     overrides = {"gate.max_accuracy_drop": max_accuracy_drop, "gate.min_speedup": min_speedup, "verify.pairs": pairs}
-    r = _recipe(recipe, **overrides)
-    res = run_build(
-        r, workdir=workdir, offline=offline, progress=_progress(quiet), cache_dir=cache, embeddings_dir=embeddings,
-        command=reproduce_command(str(recipe) if recipe is not None else None, overrides), lock_timeout=lock_timeout,
-    )
+    # A --min-speedup given here applies on every CPU, in place of a per-class table.
+    table = {"gate.min_speedup_by_class": {} if min_speedup is not None else None}
+    paths = expand_recipe_paths(recipe or [Path("recipes/int8.yaml")])
+    jobs = [(str(p), _recipe(p, **overrides, **table), reproduce_command(str(p), overrides)) for p in paths]
+    kwargs = dict(workdir=workdir, offline=offline, progress=_progress(quiet), cache_dir=cache, embeddings_dir=embeddings, lock_timeout=lock_timeout)
+    if len(jobs) == 1:
+        res = run_build(jobs[0][1], command=jobs[0][2], **kwargs)
+        _emit(res, json_out, _run_lines(res))
+        if not res.passed:
+            raise GateFailed(list(res.gate.get("reasons") or ["gate failed"]))
+        return
+
+    def report(o: Any) -> None:
+        if not json_out:
+            typer.echo(f"== {o.path} ==")
+            typer.echo("\n".join(_run_lines(o.result)) if o.result else "stopped: error (below)")
+        if o.error:
+            _err(f"{o.path}: {o.error}")
+        elif not o.result.passed:
+            for reason in o.result.gate.get("reasons") or ["gate failed"]:
+                typer.echo(f"qpipe: gate failed: {o.result.recipe}: {reason}", err=True)
+
+    outcomes = run_many(jobs, on_outcome=report, **kwargs)
+    if json_out:
+        typer.echo(json.dumps({"exit_code": combined_exit_code(outcomes), "recipes": [o.to_dict() for o in outcomes]}, indent=2, default=str))
+    else:
+        typer.echo("== summary ==")
+        for o in outcomes:
+            verdict = "error" if o.result is None else ("passed" if o.result.passed else "gate FAILED")
+            typer.echo(f"{o.path}: {verdict}" + (f" ({o.result.directory})" if o.result else ""))
+    code = combined_exit_code(outcomes)
+    if code:
+        raise typer.Exit(code=code)
+
+
+def _run_lines(res: Any) -> list[str]:
     lines = [f"{name}: reused (inputs unchanged)" if st.reused else f"{name}: done in {st.wall_s:.1f} s" for name, st in res.stages.items()]
     lines += [f"artifact: {res.directory}", f"model card: {res.model_card}", f"manifest: {res.manifest}"]
     lines.append(f"gate: {'passed' if res.passed else 'FAILED'}" + (f"; latest -> {res.latest}" if res.latest else ""))
     lines += [f"warning: {w}" for w in res.warnings]
-    _emit(res, json_out, lines)
-    if not res.passed:
-        raise GateFailed(list(res.gate.get("reasons") or ["gate failed"]))
+    return lines
+
+
+@app.command()
+@stage_command
+def index(
+    dirs: Annotated[list[Path], typer.Argument(help="Build directories, or folders holding them (artifact roots, downloaded CI artifacts).")],
+    out: Annotated[Optional[Path], typer.Option(help="Where index.json and index.md go [the first DIR; its parent when DIR is a build].")] = None,
+    check_same_int8: Annotated[
+        bool, typer.Option("--check-same-int8", help="Exit 1 when builds of one recipe report different int8.onnx sha256, naming them.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """One table of recipe x target (accuracy, speedup, CPU class, verdict, int8 sha256) from the builds' manifests."""
+    from pipeline.build.index import render_markdown, run_index
+
+    idx, j, m, mismatches = run_index(dirs, out, check_same_int8=check_same_int8)
+    if json_out:
+        typer.echo(json.dumps(idx, indent=2, sort_keys=True))
+    else:
+        typer.echo(render_markdown(idx), nl=False)
+        typer.echo(f"wrote {j} and {m}")
+    for line in mismatches:
+        _err(line)
+    if mismatches:
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -352,9 +417,9 @@ def diagnose(
         raise UserError("diagnose needs --fp32 (the converted fp32 model)")
     r = _recipe(recipe, **{"quantization.recovery.sensitivity_samples": samples})
     if calib is None and recipe is not None:
-        from pipeline.stages.verify import default_data
+        from pipeline.stages.download import local_data_file
 
-        calib = default_data(r, DEFAULT_CACHE)
+        calib = local_data_file(r, DEFAULT_CACHE)
     if calib is None:
         raise UserError("diagnose needs calibration faces: --calib FILE.bin or an image folder")
     res = run_diagnose(
@@ -428,7 +493,7 @@ def compare(
     json_out: JsonOpt = False,
 ) -> None:
     """Cosine similarity of two faces and a same/different verdict."""
-    from pipeline.photos.embed import compare as run_compare
+    from pipeline.photos.compare import compare as run_compare
 
     r = _recipe(recipe)
     if flip is None and report is None and recipe is not None:
@@ -458,7 +523,7 @@ def pack_bin(
     quiet: QuietOpt = False,
 ) -> None:
     """Detect, align and pack your own photos into an insightface .bin for quantize --calib and verify --data."""
-    from pipeline.photos.embed import pack_bin as run_pack
+    from pipeline.photos.pack import pack_bin as run_pack
 
     res = run_pack(
         images, out, pairs=pairs, identities=identities, num_pairs=num_pairs, seed=seed, strict=strict, select=select, progress=_progress(quiet)

@@ -293,6 +293,22 @@ def cache_name(source: Source) -> str:
     return name
 
 
+def local_data_file(recipe: Recipe, download_dir: Path) -> Path | None:
+    """The recipe's verification set if it is already on disk: its copy in the download cache, or a local path it names."""
+    if recipe.data is None:
+        return None
+    cached = Path(download_dir) / cache_name(recipe.data)
+    if cached.is_file():
+        return cached
+    for url in recipe.data.urls:
+        if "://" in url or recipe.data.member:
+            continue
+        p = Path(url) if Path(url).is_absolute() else recipe.base_dir / url
+        if p.is_file():
+            return p
+    return None
+
+
 def match_member(names: list[str], wanted: str) -> str:
     """The archive entry for ``wanted``: the exact path, else the unique entry ending in ``/wanted``.
 

@@ -72,7 +72,7 @@ def markdown(result: VerifyResult) -> str:
     out += [
         "",
         f"Gate: int8 accuracy >= fp32 accuracy - {g['max_accuracy_drop']:.2f} points on every data set, "
-        f"and median batch-1 speedup >= {g['min_speedup']:.2f}x.",
+        f"and median batch-1 speedup >= {g['min_speedup']:.2f}x." + (f" Speed threshold: {g['cpu_class']['why']}." if g.get("cpu_class") else ""),
         "",
         "| model | file | sha256 |",
         "| --- | --- | --- |",
