@@ -1,4 +1,4 @@
-"""The reliability matrix (issue 7): what users really feed qpipe, through the real command line.
+"""The reliability matrix: what users really feed qpipe, through the real command line.
 
 Every case must end in ONE line on stderr (``qpipe: error: ...``) and exit code 2
 (1 for a failed gate, 130 for an interrupt), never a traceback, and must leave
