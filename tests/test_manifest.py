@@ -148,7 +148,7 @@ def test_cli_manifest_verify_exit_codes_0_1_2(tmp_path):
 def test_standalone_checker_needs_only_the_standard_library(tmp_path):
     d = _artifact(tmp_path)
     # -S -I: no site-packages, no user paths: the release job runs it on a bare runner Python.
-    cmd = [sys.executable, "-S", "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); from pipeline.build.manifest import main; sys.exit(main(sys.argv[2:]))", str(ROOT), str(d)]
+    cmd = [sys.executable, "-S", "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); from pipeline.cli.ci import main; sys.exit(main([\"manifest\"] + sys.argv[2:]))", str(ROOT), str(d)]
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     _flip_one_byte(d / "report.md", at=3)
     r = subprocess.run(cmd, capture_output=True, text=True)

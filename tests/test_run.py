@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from pipeline.cli import ci
 from pipeline.build import run as run_mod
 from pipeline.cli.app import app
 from pipeline.core.errors import UserError
@@ -283,15 +284,15 @@ def test_download_cache_key_follows_the_pinned_hashes(project):
 
 
 def test_ci_helpers_print_github_outputs(tmp_path, capsys):
-    assert run_mod.main(["cache-key", str(ROOT / "recipes" / "int8.yaml")]) == 0
+    assert ci.main(["cache-key", str(ROOT / "recipes" / "int8.yaml")]) == 0
     assert capsys.readouterr().out.startswith("key=qpipe-downloads-")
     j = tmp_path / "run.json"
     j.write_text(json.dumps({"recipe": "r", "directory": "/x/artifacts/r/20260101-abc"}))
-    assert run_mod.main(["github-outputs", str(j)]) == 0
+    assert ci.main(["github-outputs", str(j)]) == 0
     assert capsys.readouterr().out.splitlines() == ["directory=/x/artifacts/r/20260101-abc", "artifact=r-20260101-abc"]
     j.write_text("")
-    assert run_mod.main(["github-outputs", str(j)]) == 0 and capsys.readouterr().out == ""
-    assert run_mod.main(["cache-key", str(tmp_path / "missing.yaml")]) == 2
+    assert ci.main(["github-outputs", str(j)]) == 0 and capsys.readouterr().out == ""
+    assert ci.main(["cache-key", str(tmp_path / "missing.yaml")]) == 2
 
 
 def test_reproduce_command_names_the_overrides():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from pipeline.cli import ci
 from pipeline.build import targets as tg
 from pipeline.cli.app import app
 from pipeline.core.environment import CPU_CLASS_ENV, ISA_CLASSES, classes_from_flags, detect_cpu_class, speed_threshold
@@ -258,12 +259,12 @@ def test_a_bad_targets_file_names_the_entry(tmp_path, text, message):
 
 def test_matrix_command_prints_github_outputs_and_check_class_guards_the_runner(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert tg.main(["matrix"]) == 0
+    assert ci.main(["matrix"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("matrix=") and json.loads(out[0][len("matrix="):])["include"]
     monkeypatch.setenv(CPU_CLASS_ENV, "avx2")
-    assert tg.main(["check-class", "avx2"]) == 0 and tg.main(["check-class", ""]) == 0
-    assert tg.main(["check-class", "avx512_vnni"]) == 2
+    assert ci.main(["check-class", "avx2"]) == 0 and ci.main(["check-class", ""]) == 0
+    assert ci.main(["check-class", "avx512_vnni"]) == 2
     assert "expects ISA class avx512_vnni" in capsys.readouterr().err
 
 

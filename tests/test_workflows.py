@@ -97,9 +97,9 @@ def _plan(*extra: str) -> list[dict]:
     """The matrix the plan job's command prints for the repository's targets file."""
     wf = _load(BUILD)
     run = _step(wf, "plan", id="plan")["run"]
-    assert "python -m pipeline.build.targets matrix" in run and '--file "$TARGETS_FILE"' in run
+    assert "python -m pipeline.cli.ci matrix" in run and '--file "$TARGETS_FILE"' in run
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.build.targets", "matrix", "--file", wf["env"]["TARGETS_FILE"], *extra],
+        [sys.executable, "-m", "pipeline.cli.ci", "matrix", "--file", wf["env"]["TARGETS_FILE"], *extra],
         capture_output=True, text=True, cwd=ROOT, check=True,
     ).stdout
     line = next(x for x in out.splitlines() if x.startswith("matrix="))
@@ -121,7 +121,7 @@ def test_build_job_fans_out_over_recipes_and_targets_from_the_plan():
     # Each cell runs one `qpipe run` of its recipe.
     assert _step(wf, "build", id="build")["run"].count("qpipe run ") == 1
     # A runner under the wrong label fails before it builds.
-    check = _step(wf, "build", run="pipeline.build.targets check-class")
+    check = _step(wf, "build", run="pipeline.cli.ci check-class")
     assert check["env"]["EXPECTED_CLASS"] == "${{ matrix.isa_class }}"
     names = [s.get("run", s.get("uses", "")) for s in _steps(wf, "build")]
     assert names.index(check["run"]) < next(i for i, n in enumerate(names) if "qpipe run" in n)
@@ -148,7 +148,7 @@ def test_plan_gives_every_matrix_key_the_workflow_reads_for_github_hosted_and_se
 
 def test_download_cache_is_keyed_by_the_recipe_hashes_computed_in_a_step():
     wf = _load(BUILD)
-    key_step = _step(wf, "build", run="pipeline.build.run cache-key")
+    key_step = _step(wf, "build", run="pipeline.cli.ci cache-key")
     assert '"$RECIPE"' in key_step["run"]
     cache = _step(wf, "build", uses="actions/cache")
     assert cache["with"]["key"] == "${{ steps.%s.outputs.key }}" % key_step["id"]
@@ -160,7 +160,7 @@ def test_download_cache_is_keyed_by_the_recipe_hashes_computed_in_a_step():
 
     for recipe in sorted({c["recipe"] for c in _plan()} | {"recipes/int8.yaml"}):
         out = subprocess.run(
-            [sys.executable, "-m", "pipeline.build.run", "cache-key", recipe], capture_output=True, text=True, cwd=ROOT, check=True
+            [sys.executable, "-m", "pipeline.cli.ci", "cache-key", recipe], capture_output=True, text=True, cwd=ROOT, check=True
         ).stdout
         assert out.startswith("key=") and load_recipe(ROOT / recipe).model.sha256 in out
 
@@ -212,14 +212,14 @@ def test_manifest_is_checked_before_anything_leaves_the_runner():
     first_upload = next(i for i, n in enumerate(names) if n.startswith("actions/upload-artifact@"))
     assert check < first_upload
     rel = _steps(wf, "release")
-    verify = next(i for i, s in enumerate(rel) if "python3 -m pipeline.build.manifest" in s.get("run", ""))
+    verify = next(i for i, s in enumerate(rel) if "python3 -m pipeline.cli.ci manifest" in s.get("run", ""))
     assert 'for dir in cells/*/' in rel[verify]["run"]
     assert verify < next(i for i, s in enumerate(rel) if "gh release" in s.get("run", ""))
 
 
 def _index_command(wf: dict) -> str:
-    run = _step(wf, "index", run="pipeline.build.index")["run"]
-    (line,) = [x.strip() for x in run.splitlines() if "python3 -m pipeline.build.index" in x]
+    run = _step(wf, "index", run="pipeline.cli.ci index")["run"]
+    (line,) = [x.strip() for x in run.splitlines() if "python3 -m pipeline.cli.ci index" in x]
     return line.split(" ||")[0]
 
 
@@ -230,7 +230,7 @@ def test_final_job_indexes_every_cell_checks_the_int8_sha_and_writes_the_summary
     assert job["if"].startswith("always()")  # failed cells are in the index too
     dl = _step(wf, "index", uses="actions/download-artifact")
     assert dl["with"]["path"] == "cells" and dl["with"]["pattern"] == "*--*"  # cell--* (passed) and failed--*
-    step = _step(wf, "index", run="pipeline.build.index")
+    step = _step(wf, "index", run="pipeline.cli.ci index")
     cmd = _index_command(wf)
     assert "--check-same-int8" in cmd and "cells" in cmd.split()
     assert 'cat index/index.md >> "$GITHUB_STEP_SUMMARY"' in step["run"] and 'exit "$status"' in step["run"]
@@ -242,7 +242,7 @@ def test_the_final_jobs_command_fails_naming_the_cells_whose_int8_bytes_differ(t
 
     wf = _load(BUILD)
     args = shlex.split(_index_command(wf))
-    assert args[:3] == ["python3", "-m", "pipeline.build.index"]
+    assert args[:4] == ["python3", "-m", "pipeline.cli.ci", "index"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     fake_build(tmp_path / "cells" / "cell--mfn--github-hosted", "mfn", "github-hosted")
     fake_build(tmp_path / "cells" / "failed--mfn--avx512-vnni", "mfn", "avx512-vnni", passed=False, cls="avx512_vnni")

@@ -19,16 +19,14 @@ write the same bytes. A manifest that cannot be read is an error (exit 2):
 an index that silently skipped a build would misstate what passed.
 
 Only the standard library and qpipe's small helpers are imported, so the
-release job runs ``python3 -m pipeline.build.index`` without installing qpipe.
+release job runs ``python3 -m pipeline.cli.ci index`` without installing qpipe.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -310,28 +308,3 @@ def run_index(
     index = build_index(paths)
     j, m = write_index(index, out if out is not None else default_out(paths))
     return index, j, m, int8_mismatches(index) if check_same_int8 else []
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.build.index DIR... [--out DIR] [--check-same-int8] [--release-assets DEST]``."""
-    p = argparse.ArgumentParser(prog="python -m pipeline.build.index", description="Index qpipe build directories.")
-    p.add_argument("dirs", nargs="+", help="build directories or folders holding them")
-    p.add_argument("--out", help="where index.json and index.md go (default: the first DIR)")
-    p.add_argument("--check-same-int8", action="store_true", help="exit 1 when builds of one recipe report different int8 bytes")
-    p.add_argument("--release-assets", metavar="DEST", help="copy each recipe's int8 model once and every build's reports here")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        index, j, m, mismatches = run_index(args.dirs, args.out, check_same_int8=args.check_same_int8)
-        if args.release_assets and not mismatches:
-            release_assets(index, {name: d for d, name in find_builds(args.dirs)}, args.release_assets)
-    except UserError as e:
-        print(f"qpipe: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {j} and {m}: {len(index['builds'])} build(s)")
-    for line in mismatches:
-        print(f"qpipe: error: {line}", file=sys.stderr)
-    return 1 if mismatches else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

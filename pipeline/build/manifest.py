@@ -16,7 +16,7 @@ Paths that start with a dot (the run's bookkeeping in ``.state/``, the lock,
 temporary ``.name.part`` files of atomic writes) are not part of the artifact.
 
 This module imports only the standard library and qpipe's small helpers, so
-``python -m pipeline.build.manifest DIR`` checks a downloaded artifact without the
+``python -m pipeline.cli.ci manifest DIR`` checks a downloaded artifact without the
 heavy dependencies.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
@@ -280,26 +279,3 @@ def unexplained_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
                 continue
         out.append(p)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.build.manifest DIR [--allow-extra]``: the check without the CLI's dependencies."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    allow_extra = "--allow-extra" in args
-    dirs = [a for a in args if a != "--allow-extra"]
-    if len(dirs) != 1:
-        print("usage: python -m pipeline.build.manifest DIR [--allow-extra]", file=sys.stderr)
-        return 2
-    try:
-        check = verify_manifest(dirs[0], allow_extra=allow_extra)
-    except UserError as e:
-        print(f"qpipe: error: {e}", file=sys.stderr)
-        return 2
-    for line in check.problems():
-        print(line)
-    print(f"{'OK' if check.ok else 'FAILED'}: {check.checked} files checked in {check.directory}")
-    return 0 if check.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,7 +31,6 @@ import json
 import os
 import shlex
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -703,39 +702,3 @@ def _accuracy_summary(report: dict[str, Any] | None) -> dict[str, Any]:
             entry[side] = {k: (ds.get(side) or {}).get(k) for k in _METRIC_KEYS}
         out[name] = entry
     return out
-
-
-# --- small command-line helpers for CI ----------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.build.run cache-key RECIPE`` and ``python -m pipeline.build.run github-outputs RUN_JSON``.
-
-    cache-key prints ``key=...`` (the download cache key); github-outputs
-    turns ``qpipe run --json`` output into ``directory=`` and ``artifact=``
-    lines for ``$GITHUB_OUTPUT`` (nothing when the run stopped before it had a
-    directory).
-    """
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) == 2 and args[0] == "cache-key":
-        from pipeline.recipe import load_recipe
-
-        try:
-            print("key=" + download_cache_key(load_recipe(args[1])))
-        except UserError as e:
-            print(f"qpipe: error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if len(args) == 2 and args[0] == "github-outputs":
-        data = _read_json(Path(args[1]))
-        if data and data.get("directory"):
-            d = Path(data["directory"])
-            print(f"directory={d}")
-            print(f"artifact={data.get('recipe', d.parent.name)}-{d.name}")
-        return 0
-    print("usage: python -m pipeline.build.run cache-key RECIPE | github-outputs RUN_JSON", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

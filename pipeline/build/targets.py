@@ -1,6 +1,6 @@
 """The CI build matrix: recipes x targets from ``ci/targets.yml``.
 
-``python -m pipeline.build.targets matrix [--recipes "A B"] [--targets "x,y"]``
+``python -m pipeline.cli.ci matrix [--recipes "A B"] [--targets "x,y"]``
 prints ``matrix=<json>`` for ``$GITHUB_OUTPUT``: one cell per recipe and
 target, each with the runner labels to ask for, the ISA class its CPU must be
 in, and whether its gate blocks the release. ``check-class CLASS`` fails
@@ -11,10 +11,7 @@ speed threshold.
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,30 +139,3 @@ def check_class(expected: str) -> str:
     if expected and cpu.detected != expected:
         raise UserError(f"this runner's target expects ISA class {expected}, but its {seen}: fix the runner's labels or the target's isa_class")
     return seen
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.build.targets", description="The CI build matrix.")
-    sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("matrix", help="print matrix=<json> for $GITHUB_OUTPUT")
-    m.add_argument("--file", default=str(DEFAULT_FILE))
-    m.add_argument("--recipes", default="", help="space- or comma-separated recipe paths (empty: the file's)")
-    m.add_argument("--targets", default="", help="space- or comma-separated target names (empty: the file's enabled ones)")
-    c = sub.add_parser("check-class", help="fail unless this CPU is of the given ISA class (empty: only report it)")
-    c.add_argument("expected", nargs="?", default="")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.command == "matrix":
-            mx = matrix(load_targets(args.file), args.recipes, args.targets)
-            print("matrix=" + json.dumps(mx, separators=(",", ":")))
-            print(f"cells={len(mx['include'])}")
-        else:
-            print(check_class(args.expected))
-    except UserError as e:
-        print(f"qpipe: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
