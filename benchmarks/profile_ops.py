@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     ops = sorted(set().union(*med.values()), key=lambda op: -max(m.get(op, 0.0) for m in med.values()))
     special = [o for o in ops if o.startswith("(")]
     ops = [o for o in ops if not o.startswith("(")][: a.top] + special
-    names = [Path(p).stem for p in med]
+    stems = [Path(p).stem for p in med]
+    # int8.onnx in several build folders: name each by its folder too.
+    names = [f"{Path(p).parent.name}/{st}" if stems.count(st) > 1 else st for p, st in zip(med, stems)]
     header = ["op type"] + [f"{n} ms/run (share)" for n in names]
     rows = []
     for op in ops:
