@@ -156,6 +156,38 @@ class RecoverySection(_Section):
     )
 
 
+class PlacementSection(_Section):
+    enabled: bool = Field(
+        False,
+        description="After accuracy is met, time the int8 model against its fp32 and against variants that keep node groups in fp32, "
+        "and ship the fastest within the accuracy target. Off by default: each variant is a full quantization (about 1.5-3 minutes "
+        "apiece for the PRelu MobileFaceNet-512 on 2 cores, where placement added 5.5 minutes to a 3-minute quantize).",
+    )
+    candidates: list[Literal["depthwise_fp32", "depthwise1x1_fp32", "pointwise_only"]] = Field(
+        ["depthwise_fp32", "depthwise1x1_fp32", "pointwise_only"],
+        description="Variants measured beside the int8 as built: depthwise_fp32 (every depthwise Conv in fp32), depthwise1x1_fp32 "
+        "(only 1x1 depthwise Convs, the PRelu rewrite's branches), pointwise_only (every node but pointwise/full Conv, Gemm, MatMul in fp32); "
+        "fp32 islands left between them go fp32 too.",
+    )
+    rounds: int = Field(
+        40, description="Interleaved timing rounds (fp32 and every candidate each round, order rotating): about 10 s for four MobileFaceNets."
+    )
+    runs_per_round: int = Field(5, description="Timed batch-1 runs per model per round; the round's figure is their median.")
+    warmup: int = Field(5, description="Untimed runs per model before timing.")
+    cosine_tolerance: float = Field(
+        0.002,
+        description="Without verification pairs (an image folder as calibration set): a candidate is accepted when its mean embedding "
+        "cosine to fp32 is at most this below the int8 as built.",
+    )
+
+    @field_validator("rounds", "runs_per_round")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("must be a positive integer")
+        return v
+
+
 class QuantizationSection(_Section):
     engine: Literal["inc", "ort"] = Field("inc", description="inc: Intel Neural Compressor 3.7 fit(); ort: onnxruntime quantize_static.")
     approach: Literal["static"] = Field("static", description="Post-training static quantization.")
@@ -186,6 +218,7 @@ class QuantizationSection(_Section):
     extra_options: dict[str, Any] = Field({}, description="Passed through as onnxruntime quantize_static(extra_options=...).")
     tuning: TuningSection = Field(default_factory=TuningSection, description="INC accuracy-aware tuning.")
     recovery: RecoverySection = Field(default_factory=RecoverySection, description="Accuracy recovery (diagnose, repair, fp32 fallback).")
+    placement: PlacementSection = Field(default_factory=PlacementSection, description="Speed-aware placement: which nodes run int8, by measured latency.")
 
 
 class VerifySection(_Section):

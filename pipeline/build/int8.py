@@ -4,8 +4,11 @@
 :func:`build_int8`. The quantize stage writes the recipe's int8 model and
 returns what its manifest records; with ``quantization.recovery.enabled``,
 accuracy recovery starts from that model and may put another candidate at
-``out`` (a repaired fp32 model, nodes back in fp32); the one ``manifest.json``
-beside ``out`` then describes whichever model is there.
+``out`` (a repaired fp32 model, nodes back in fp32); with
+``quantization.placement.enabled``, speed-aware placement then times that model
+against variants with node groups in fp32 and may put the fastest within the
+accuracy target there. The one ``manifest.json`` beside ``out`` then describes
+whichever model is there (its ``placement`` section: where each node ended up and why).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.accuracy.placement import place
 from pipeline.accuracy.recover import check_recovery, recover
 from pipeline.build.manifest import MANIFEST_NAME, write_quantize_manifest
 from pipeline.stages.quantize.stage import QuantizeResult, quantize
@@ -59,9 +63,12 @@ def build_int8(
     manifest's recovery section when recovery ran, its ``manifest`` the manifest's path.
     """
     recovering = quantization.recovery.enabled
-    if recovering:
-        # Before quantizing: a recovery that cannot run must not leave an int8 model without its manifest.
-        check_recovery(quantization, recipe, eval_data if eval_data is not None else calib)
+    placing = quantization.placement.enabled
+    pairs = eval_data if eval_data is not None else calib
+    if recovering or (placing and not Path(pairs).is_dir()):
+        # Before quantizing: a recovery (or a placement's accuracy target) that cannot work must not
+        # leave an int8 model without its manifest.
+        check_recovery(quantization, recipe, pairs)
 
     def manifest_first(body: dict) -> None:
         # Without recovery the manifest goes in before the model it describes replaces the old one.
@@ -69,13 +76,22 @@ def build_int8(
 
     res = quantize(
         model, calib, out, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
-        source_model=source_model, eval_data=eval_data, before_publish=None if recovering else manifest_first, progress=progress,
+        source_model=source_model, eval_data=eval_data, before_publish=None if recovering or placing else manifest_first,
+        progress=progress,
     )
-    if not recovering:
+    if not recovering and not placing:
         return dataclasses.replace(res, manifest=Path(out).parent / MANIFEST_NAME)
-    res = recover(
-        model, calib, out, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
-        source_model=source_model, eval_data=eval_data, first=res, report_dir=report_dir, cache_dir=cache_dir, progress=progress,
-    ).quantize
-    manifest = write_quantize_manifest(res.output, res.manifest_body(), recovery=res.recovery)
+    if recovering:
+        res = recover(
+            model, calib, out, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
+            source_model=source_model, eval_data=eval_data, first=res, report_dir=report_dir, cache_dir=cache_dir, progress=progress,
+        ).quantize
+    body = res.manifest_body()
+    if placing:
+        res, _ = place(
+            model, calib, out, base=res, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
+            source_model=source_model, eval_data=eval_data, cache_dir=cache_dir, progress=progress,
+        )
+        body = {**res.manifest_body(), "placement": res.placement}
+    manifest = write_quantize_manifest(res.output, body, recovery=res.recovery)
     return dataclasses.replace(res, manifest=manifest)

@@ -127,6 +127,10 @@ def quantize(
     recover: Annotated[
         Optional[bool], typer.Option("--recover/--no-recover", help="Accuracy recovery when int8 misses the target [recipe quantization.recovery.enabled].")
     ] = None,
+    placement: Annotated[
+        Optional[bool],
+        typer.Option("--placement/--no-placement", help="Time int8 variants with node groups in fp32 and keep the fastest within the accuracy target [recipe quantization.placement.enabled]."),
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -145,6 +149,7 @@ def quantize(
             "calibration.samples": samples,
             "calibration.seed": seed,
             "quantization.recovery.enabled": recover,
+            "quantization.placement.enabled": placement,
         },
     )
     res = build_int8(
@@ -162,6 +167,7 @@ def quantize(
     lines.append(f"manifest: {res.manifest}")
     lines += [f"warning: {w}" for w in res.warnings]
     lines += recovery_summary(res.recovery)
+    lines += list((res.placement or {}).get("summary") or [])
     emit(res, json_out, lines)
 
 

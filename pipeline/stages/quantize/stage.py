@@ -85,6 +85,8 @@ class QuantizeResult:
     weights: dict[str, Any] = field(default_factory=dict)  # reduce_range and how many depthwise convs kept 8-bit weights
     # Set when accuracy recovery ran: what it repaired, kept in fp32, measured.
     recovery: dict[str, Any] | None = None
+    # Set when speed-aware placement ran: the candidates it timed and where each node ended up.
+    placement: dict[str, Any] | None = None
     manifest: Path | None = None
     record: dict[str, Any] = field(default_factory=dict, repr=False)
 
