@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from pipeline.accuracy.placement import AS_BUILT, Candidate, candidate_nodes, choose, node_placement, place
 from pipeline.cli.app import app
+from pipeline.core.files import sha256_file
 from pipeline.recipe import default_recipe, with_overrides
 from pipeline.stages.prelu import rewrite_prelu
 from pipeline.stages.quantize.stage import quantize
@@ -241,3 +242,31 @@ def test_no_placement_flag_leaves_the_manifest_without_a_placement(tmp_path, pre
     assert res.exit_code == 0, res.output
     assert "placement" not in json.loads((out.parent / "manifest.json").read_text())
     assert "placement:" not in res.output
+
+
+def test_after_recovery_the_manifest_and_recovery_json_say_where_each_node_ended_up(tmp_path, prelu_model, pairs_bin, monkeypatch):
+    import pipeline.accuracy.placement as placement
+    from pipeline.build.int8 import build_int8
+
+    def timer(models, x, **kw):
+        latency = {"fp32": 10.0, AS_BUILT: 8.0, "depthwise_fp32": 5.0}
+        return {k: [latency[k]] * kw["rounds"] for k in models}
+
+    monkeypatch.setattr(placement, "time_models", timer)
+    r = _recipe(**{
+        "quantization.recovery.enabled": True, "quantization.recovery.max_accuracy_drop": 50.0,
+        "quantization.placement.enabled": True, "quantization.placement.candidates": ["depthwise_fp32"],
+        "verify.rounds": 2, "verify.warmup": 0, "verify.runs_per_round": 1,
+    })
+    out = tmp_path / "q" / "int8.onnx"
+    res = build_int8(prelu_model, pairs_bin, out, input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r)
+    assert res.recovery["within_target"] and res.placement["chosen"] == "depthwise_fp32"
+    as_built = next(c for c in res.placement["candidates"] if c["name"] == AS_BUILT)
+    assert as_built["accuracy"]["by"] == "recovery", "recovery's score of the int8 as built is reused, not measured again"
+    manifest = json.loads(res.manifest.read_text())
+    report = json.loads((out.parent / "recovery.json").read_text())
+    for section in (manifest["placement"], report["placement"]):
+        assert section["nodes"]["conv2"]["placement"] == "fp32" and section["nodes"]["conv2"]["why"].startswith("placement: depthwise_fp32")
+        assert section["nodes"]["conv3"]["placement"] == "int8"
+    assert manifest["recovery"]["within_target"] is True
+    assert manifest["files"]["int8"]["path"] == str(out) and manifest["files"]["int8"]["sha256"] == sha256_file(out)
