@@ -58,17 +58,11 @@ def calibration_images(calib: str | Path, spec: "InputSpec", calibration: "Calib
 def outputs_in_batches(model: OnnxModel, names: list[str], x: np.ndarray, batch: int) -> Iterator[tuple[int, list[np.ndarray]]]:
     """(rows, the ``names`` outputs for those rows) per forward pass, in batches the model accepts.
 
-    :meth:`OnnxModel.run` gives one output; the range probe reads many at once. A fixed
-    batch is filled with zero rows, whose values are dropped before they reach a range.
+    The range probe reads many tensors at once (:meth:`OnnxModel.batches`: a fixed batch is
+    filled with zero rows, whose values are dropped before they reach a range), as float32.
     """
-    step = model.step(batch)
-    for start in range(0, len(x), step):
-        part = np.ascontiguousarray(x[start : start + step], dtype=np.float32)
-        k = len(part)
-        if model.fixed_batch and k < step:
-            part = np.concatenate([part, np.zeros((step - k, *part.shape[1:]), part.dtype)])
-        outs = model.session.run(names, {model.input_name: part})
-        yield k, [np.asarray(v, dtype=np.float32)[:k] for v in outs]
+    for k, outs in model.batches(x, batch, names=names):
+        yield k, [np.asarray(v, dtype=np.float32) for v in outs]
 
 
 def activation_stats(
