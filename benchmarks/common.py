@@ -52,7 +52,7 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in [
-        Variant("inc-qop", "inc", 11, "QOperator", False, note="recipes/int8.yaml as shipped (INC default static, per-tensor)"),
+        Variant("inc-qop", "inc", 11, "QOperator", False, note="INC QOperator, per-tensor, minmax"),
         Variant("inc-qop-pc", "inc", 11, "QOperator", True, note="INC QOperator, per-channel weights"),
         Variant("inc-qdq-o13", "inc", 13, "QDQ", True, note="INC QDQ at opset 13, per-channel"),
         Variant("ort-qop", "ort", 11, "QOperator", False, note="onnxruntime QOperator, per-tensor"),
