@@ -9,6 +9,12 @@ before L2 normalisation, as insightface does. Verification pairs are embedded
 chunk by chunk, so a whole set never exists as float32 at once, and the
 result can be cached on disk (one ``.npz`` per model x data x preprocessing x
 flip x pairs), so a second int8 candidate only pays for its own forward passes.
+
+Most exported face models have a fixed batch of 1, which would mean one
+forward pass per image. Such a model is embedded through a dynamic-batch copy
+made in memory (:func:`pipeline.runtime.graph.make_batch_dynamic`), once the
+copy is shown to give the single runs' embeddings on the first images; the
+model file, and so the cache key, stay the user's.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
+import onnx
 
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_path, require_file, sha256_file
@@ -30,12 +37,16 @@ from pipeline.core.progress import NULL_PROGRESS, Progress
 from pipeline.data.preprocess import preprocess
 from pipeline.eval.protocol import flip_sum
 from pipeline.recipe import InputSpec
+from pipeline.runtime.graph import load_model, make_batch_dynamic
 from pipeline.runtime.session import ModelSource, OnnxModel
 
 # Bump when the cached array's meaning changes, so old cache files are not reused.
 CACHE_FORMAT = 1
 # Images decoded and preprocessed at once: bounds memory, independent of the model's batch.
 DECODE_CHUNK = 256
+# The batched copy of a batch-1 model must give every checked embedding at least this cosine to the single runs'
+# (the bar the convert stage's equivalence gate sets for a dynamic batch).
+BATCH_COPY_MIN_COSINE = 0.99999
 
 
 class PairImages(Protocol):
@@ -98,6 +109,74 @@ def embed_images(
         f = raw_embeddings(model, images, spec, flip=True, batch=batch)
         finite &= np.all(np.isfinite(f), axis=1)
     return flip_sum(e, f), finite
+
+
+def batched_copy(model: OnnxModel, source: ModelSource | None = None) -> OnnxModel | None:
+    """A dynamic-batch session of ``model`` (fixed batch 1), made in memory; None when its graph cannot take one.
+
+    ``source``: the model's ModelProto or bytes when ``model`` was not opened from a file.
+    The copy is unchecked; :func:`batch_runner` checks it against single runs.
+    """
+    if model.dynamic_batch or model.fixed_batch != 1:
+        return None
+    try:
+        if model.path is not None:
+            proto = load_model(model.path, model.what)
+        elif isinstance(source, onnx.ModelProto):
+            proto = onnx.ModelProto()
+            proto.CopyFrom(source)
+        elif isinstance(source, (bytes, bytearray)):
+            proto = onnx.load_from_string(bytes(source))
+        else:
+            return None
+        make_batch_dynamic(proto, model.input_name)
+        copy = OnnxModel(proto, threads=model.threads, input_name=model.input_name, output_name=model.output_name, what=model.what, quiet=True)
+    except UserError:
+        return None
+    return copy if copy.dynamic_batch else None
+
+
+def batch_runner(
+    model: OnnxModel, images: np.ndarray, spec: InputSpec, *, batch: int, source: ModelSource | None = None, progress: Progress | None = None
+) -> OnnxModel:
+    """The session to embed with: a checked dynamic-batch copy of a batch-1 ``model``, else ``model`` itself.
+
+    The copy is used only if, on ``images`` (the first batch to embed, as uint8
+    RGB), each of its embeddings keeps a cosine of at least
+    :data:`BATCH_COPY_MIN_COSINE` to the single run's; otherwise the model is run
+    one image at a time, and ``progress`` says why.
+    """
+    progress = progress or NULL_PROGRESS
+    if batch <= 1 or model.dynamic_batch or model.fixed_batch != 1 or not len(images):
+        return model
+    copy = batched_copy(model, source)
+    if copy is None:
+        progress.log(f"note: {model.what} has a fixed batch of 1 that cannot be made dynamic; embedding one image per pass")
+        return model
+    check = images[: max(2, batch)]
+    single = raw_embeddings(model, check, spec, batch=1)
+    batched = raw_embeddings(copy, check, spec, batch=batch)
+    cos = _row_cosines(single, batched)
+    if single.shape != batched.shape or not np.all(cos >= BATCH_COPY_MIN_COSINE):
+        worst = float(np.nanmin(cos)) if cos.size else float("nan")
+        progress.log(
+            f"note: a batched copy of {model.what} does not reproduce its single-image embeddings "
+            f"(worst cosine {worst:.6f} < {BATCH_COPY_MIN_COSINE}); embedding one image per pass"
+        )
+        return model
+    return copy
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if a.shape != b.shape:
+        return np.zeros(0)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.sum(a64 * b64, axis=1) / den
+    # Two all-zero rows agree; a NaN anywhere else does not.
+    cos[(den == 0) & np.all(a64 == b64, axis=1)] = 1.0
+    return np.nan_to_num(cos, nan=-1.0)
 
 
 # --- verification pairs ----------------------------------------------------------------------------
@@ -201,8 +280,9 @@ def embed_pairs_with_info(
 
     Row 2k / 2k+1 is pair k's first / second face (:func:`embed_images`).
     ``model``: a model file, a ModelProto or its bytes, or an open :class:`OnnxModel`.
-    ``batch``: images per forward pass when the model's batch is dynamic (a fixed
-    batch is always honoured). With ``cache_dir`` (a model file, or ``model_sha256``
+    ``batch``: images per forward pass when the model's batch is dynamic; a model
+    with a fixed batch of 1 is run through a checked dynamic-batch copy
+    (:func:`batch_runner`), other fixed batches are honoured. With ``cache_dir`` (a model file, or ``model_sha256``
     given) the result is read from / written to an ``.npz`` keyed by :func:`cache_key`;
     on a hit the model is not run at all. ``runner``: returns an already-open session
     for ``model``, called only on a cache miss (default: open one with ``threads``).
@@ -249,6 +329,10 @@ def embed_pairs_with_info(
         for start in range(0, rows, DECODE_CHUNK):
             idx = np.arange(start, min(rows, start + DECODE_CHUNK))
             imgs = source.decode_many(idx)
+            if start == 0:
+                session = batch_runner(
+                    session, imgs, input_spec, batch=batch, source=model if isinstance(model, (onnx.ModelProto, bytes, bytearray)) else None, progress=progress
+                )
             emb, finite = embed_images(session, imgs, input_spec, flip=flip, batch=batch)
             task.advance(len(idx) * views)
             nonfinite += int(np.sum(~finite))

@@ -12,11 +12,13 @@ import os
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 
 from pipeline.core.errors import UserError, first_line
 from pipeline.core.files import require_file
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+BATCH_DIM = "batch"  # the symbolic name a dynamic batch dimension gets
 Dim = int | str | None
 
 
@@ -120,3 +122,74 @@ def skeleton(model: onnx.ModelProto, max_elements: int = 4096) -> onnx.ModelProt
         else:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return sk
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers no node or output reads (and their graph-input entries)."""
+    graph = model.graph
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        kept = {t.name for t in keep}
+        dropped = {t.name for t in graph.initializer} - kept
+        inputs = [i for i in graph.input if i.name not in dropped]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        del graph.input[:]
+        graph.input.extend(inputs)
+
+
+def make_batch_dynamic(model: onnx.ModelProto, input_name: str, *, hint: str | None = None) -> list[str]:
+    """Make dim 0 of the input and outputs symbolic and fix nodes that hard-code batch 1 (in place).
+
+    Which tensors carry the batch is found by shape inference with a symbolic
+    batch: a Reshape whose data has that symbolic first dimension but whose
+    constant target shape says 1 gets 0 ("copy from input") there, and a
+    Flatten with axis 0 (which folds the batch into one row) gets axis 1.
+    Returns what was changed, one line each; a UserError (with ``hint``) for a
+    graph whose batch cannot be freed this way.
+    """
+    graph = model.graph
+    notes: list[str] = []
+    for vi in [*[i for i in graph.input if i.name == input_name], *graph.output]:
+        shape = vi.type.tensor_type.shape
+        if shape.dim:
+            shape.dim[0].Clear()
+            shape.dim[0].dim_param = BATCH_DIM
+    del graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
+    except Exception as e:
+        raise UserError(f"shape inference failed on the model: {first_line(e)}") from None
+    shapes = {v.name: dims(v) for v in [*inferred.graph.input, *inferred.graph.value_info]}
+    inits = {t.name: t for t in graph.initializer}
+
+    def carries_batch(name: str) -> bool:
+        s = shapes.get(name)
+        return bool(s) and s[0] == BATCH_DIM
+
+    for node in graph.node:
+        if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in inits and carries_batch(node.input[0]):
+            target = numpy_helper.to_array(inits[node.input[1]])
+            if target.ndim == 1 and target.size and target[0] == 1:
+                allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
+                if allowzero:
+                    if (target == -1).any():
+                        raise UserError(f"Reshape node {node.name!r} hard-codes batch 1 and cannot be made batch-independent", hint=hint)
+                    fixed_first = -1
+                else:
+                    fixed_first = 0
+                fixed = target.copy()
+                fixed[0] = fixed_first
+                new_name = f"{node.input[1]}_batch"
+                graph.initializer.append(numpy_helper.from_array(fixed, new_name))
+                notes.append(f"Reshape {node.name!r}: target shape {target.tolist()} -> {fixed.tolist()} (batch no longer fixed)")
+                node.input[1] = new_name
+        elif node.op_type == "Flatten" and carries_batch(node.input[0]):
+            axis = next((a for a in node.attribute if a.name == "axis"), None)
+            if axis is not None and axis.i == 0:
+                axis.i = 1
+                notes.append(f"Flatten {node.name!r}: axis 0 -> 1 (batch no longer folded into one row)")
+    drop_unused_initializers(model)
+    notes.append(f"batch dimension of {input_name!r} and the outputs made symbolic ({BATCH_DIM!r})")
+    return notes
