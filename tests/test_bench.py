@@ -122,18 +122,21 @@ def test_default_thread_count_is_all_physical_cores(monkeypatch):
 
 
 def test_missing_vnni_is_stated_beside_the_speedup(monkeypatch):
+    # VNNI and AMX come from the environment's ISA class (one home), not from the raw flag table.
     base = envinfo.cpu_info()
-    for flags, expect_note in (({"avx2": True}, True), ({"avx2": True, "avx512_vnni": True}, False), ({"amx_int8": True}, False)):
-        monkeypatch.setattr(envinfo, "cpu_info", lambda flags=flags: {**base, "model": "Test CPU", "flags": flags})
+    monkeypatch.setattr(envinfo, "cpu_info", lambda: {**base, "model": "Test CPU", "flags": {"avx512_vnni": True, "amx_int8": True}})
+    for cls, expect_note, vnni, amx in (("avx2", True, False, False), ("avx512_vnni", False, True, False), ("avx_vnni", False, True, False), ("amx", False, True, True), ("none", True, False, False)):
+        monkeypatch.setenv(envinfo.CPU_CLASS_ENV, cls)
         clock, log = FakeClock(), []
         res = bench.benchmark(
             "fp32.onnx", "int8.onnx", threads=1, warmup=0, rounds=1, runs_per_round=1, throughput_batch=1,
             model_factory=_factory(clock, log, {"fp32": lambda i, b: 1.0, "int8": lambda i, b: 1.0}), clock=clock,
         )
-        assert res.cpu_model == "Test CPU"
+        assert res.cpu_model == "Test CPU" and res.isa_class == cls
         assert (res.note is not None and "VNNI" in res.note) == expect_note
+        assert "Test CPU" in res.cpu_line() and cls in res.cpu_line()
         d = res.to_dict()
-        assert d["vnni"] == bool(flags.get("avx512_vnni")) and d["amx"] == bool(flags.get("amx_int8"))
+        assert d["vnni"] == vnni and d["amx"] == amx and d["isa_class"] == cls
         assert "samples_ms" not in d["fp32"] and "samples_ms" in res.to_dict(samples=True)["fp32"]
 
 

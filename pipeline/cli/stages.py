@@ -178,6 +178,10 @@ def verify(
     recipe: RecipeOpt = None,
     fp32: Annotated[Optional[Path], typer.Option(help="The fp32 model.")] = None,
     int8: Annotated[Optional[Path], typer.Option(help="The int8 model.")] = None,
+    baseline: Annotated[
+        Optional[Path],
+        typer.Option(help="The user's model as given (converted, not rewritten); the gate reads the speedup over it [default: the --fp32 model]."),
+    ] = None,
     data: Annotated[Optional[list[Path]], typer.Option(help="insightface verification .bin; give several times for several sets.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Directory for report.json, report.md and report.png.")] = None,
     pairs: Annotated[Optional[int], typer.Option(help="Use only the first N pairs: a quick subset gate [recipe verify.pairs].")] = None,
@@ -215,7 +219,7 @@ def verify(
         raise UserError("verify needs --data FILE.bin (an insightface verification set; give it several times for several sets)")
     res = run_verify(
         fp32, int8, sets, input_spec=r.model.input, verify=r.verify, gate=r.gate,
-        cache_dir=cache_dir, progress=progress_bars(quiet),
+        cache_dir=cache_dir, baseline=baseline, progress=progress_bars(quiet),
     )
     if report is not None:
         write_reports(res, report)

@@ -8,11 +8,19 @@ phase of a noisy machine (another job, frequency scaling, a cold cache) then
 hits both models within the same round, and the speedup is the median of the
 per-round ratios fp32/int8, reported with its interquartile range so the
 spread is visible rather than hidden in one mean.
+
+Two speedups are reported. ``speedup`` is over the *baseline*, the user's model
+as given (converted, not rewritten): what int8 buys the user, and what the gate
+reads. ``speedup_fastest_fp32`` is over the fp32 model given, the fastest fp32
+qpipe makes of it (PRelu rewritten): what int8 itself adds. When no separate
+baseline is given the fp32 model is the baseline and the two are the same figure.
+Every result names the CPU and its ISA class (:mod:`pipeline.core.environment`).
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,7 +61,13 @@ class ModelTiming:
 
 @dataclass
 class SpeedResult:
-    """fp32 vs int8 speed. ``speedup`` = median over rounds of fp32 / int8 round latency."""
+    """fp32 (and baseline) vs int8 speed.
+
+    ``speedup`` = median over rounds of baseline / int8 round latency (the
+    baseline is the fp32 model unless another was timed); ``speedup_fastest_fp32``
+    the same over the fp32 model. ``isa_class``: the CPU's most capable ISA class
+    (amx, avx512_vnni, avx_vnni, avx2) or "none".
+    """
 
     fp32: ModelTiming
     int8: ModelTiming
@@ -74,12 +88,35 @@ class SpeedResult:
     throughput_ratio: float | None = None
     note: str | None = None
     spinning: bool = False
+    baseline: ModelTiming | None = None  # None: the fp32 model is the baseline
+    speedup_fastest_fp32: float = float("nan")
+    speedup_fastest_fp32_iqr: tuple[float, float] = (float("nan"), float("nan"))
+    ratios_fastest_fp32: list[float] = field(default_factory=list)
+    isa_class: str = "none"
+    isa_classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.speedup_fastest_fp32) and self.baseline is None:
+            self.speedup_fastest_fp32 = self.speedup
+            self.speedup_fastest_fp32_iqr = tuple(self.speedup_iqr)  # type: ignore[assignment]
+            self.ratios_fastest_fp32 = list(self.ratios)
+
+    @property
+    def baseline_timing(self) -> ModelTiming:
+        """The model ``speedup`` is over."""
+        return self.baseline if self.baseline is not None else self.fp32
+
+    def cpu_line(self) -> str:
+        """The CPU and ISA class every printed speed figure goes with."""
+        return f"CPU: {self.cpu_model}; ISA class: {self.isa_class}; VNNI: {'yes' if self.vnni else 'no'}; AMX: {'yes' if self.amx else 'no'}"
 
     def to_dict(self, *, samples: bool = False) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k not in ("fp32", "int8")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("fp32", "int8", "baseline")}
         d["speedup_iqr"] = list(self.speedup_iqr)
+        d["speedup_fastest_fp32_iqr"] = list(self.speedup_fastest_fp32_iqr)
         d["fp32"] = self.fp32.to_dict(samples=samples)
         d["int8"] = self.int8.to_dict(samples=samples)
+        d["baseline"] = self.baseline.to_dict(samples=samples) if self.baseline is not None else None
         return d
 
 
@@ -101,6 +138,7 @@ def benchmark(
     fp32: Path,
     int8: Path,
     *,
+    baseline: Path | None = None,
     inputs: np.ndarray | None = None,
     input_shape: Sequence[int] = (3, 112, 112),
     input_name: str | None = None,
@@ -114,7 +152,11 @@ def benchmark(
     model_factory: Callable[..., Any] = OnnxModel,
     clock: Callable[[], float] = time.perf_counter,
 ) -> SpeedResult:
-    """Interleaved batch-1 latency (and batch throughput) of ``fp32`` and ``int8``.
+    """Interleaved batch-1 latency (and batch throughput) of ``fp32``, ``int8`` and ``baseline``.
+
+    ``baseline``: the user's model as given, timed in the same rounds when it is
+    another file than ``fp32``; ``speedup`` is over it, ``speedup_fastest_fp32``
+    over ``fp32`` (None, or the same file: one model, one figure).
 
     ``inputs``: NCHW float32 images to time on (real faces give realistic
     activations; repeated if fewer than the throughput batch); default seeded
@@ -134,10 +176,10 @@ def benchmark(
     if threads <= 0:
         raise UserError(f"verify.threads must be positive, got {threads}")
 
-    models = {
-        "fp32": model_factory(fp32, threads=threads, input_name=input_name, output_name=output_name),
-        "int8": model_factory(int8, threads=threads, input_name=input_name, output_name=output_name),
-    }
+    if baseline is not None and _same_file(baseline, fp32):
+        baseline = None
+    paths = {"fp32": fp32, "int8": int8, **({"baseline": baseline} if baseline is not None else {})}
+    models = {name: model_factory(p, threads=threads, input_name=input_name, output_name=output_name) for name, p in paths.items()}
     if inputs is None:
         rng = np.random.default_rng(0)
         inputs = rng.uniform(0, 255, size=(max(1, throughput_batch), *input_shape)).astype(np.float32)
@@ -146,7 +188,7 @@ def benchmark(
             raise UserError(f"the {name} model has a fixed batch of {m.fixed_batch}; latency is measured at batch 1")
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     one = inputs[:1]
-    names = ("fp32", "int8")
+    names = tuple(models)
 
     def timed(name: str, x: np.ndarray) -> float:
         m = models[name]
@@ -167,7 +209,7 @@ def benchmark(
     gc.collect()
     gc.disable()
     try:
-        with progress.task("timing fp32 vs int8", total=warmup + rounds + tp_rounds, unit="rounds") as task:
+        with progress.task("timing " + " vs ".join(names), total=warmup + rounds + tp_rounds, unit="rounds") as task:
             for i in range(warmup):
                 for name in names if i % 2 == 0 else names[::-1]:
                     timed(name, one)
@@ -198,7 +240,7 @@ def benchmark(
             tp = float(throughput_batch / (np.median(tp_ms[name]) / 1000.0))
         return ModelTiming(
             name=name,
-            path=str(fp32 if name == "fp32" else int8),
+            path=str(paths[name]),
             latency_ms_p50=float(np.percentile(s, 50)),
             latency_ms_p90=float(np.percentile(s, 90)),
             latency_ms_mean=float(np.mean(s)),
@@ -209,19 +251,27 @@ def benchmark(
             throughput_ips=tp,
         )
 
-    ratios = [f / i if i > 0 else float("inf") for f, i in zip(per_round["fp32"], per_round["int8"])]
-    q25, q50, q75 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
+    def ratios_over(ref: str) -> tuple[list[float], float, tuple[float, float]]:
+        r = [f / i if i > 0 else float("inf") for f, i in zip(per_round[ref], per_round["int8"])]
+        q25, q50, q75 = (float(v) for v in np.percentile(r, [25, 50, 75]))
+        return [float(v) for v in r], q50, (q25, q75)
+
+    ratios, speedup, iqr = ratios_over("baseline" if "baseline" in models else "fp32")
+    ratios_f, speedup_f, iqr_f = ratios_over("fp32")
     fp, it = timing("fp32"), timing("int8")
+    base = timing("baseline") if "baseline" in models else None
     cpu = envinfo.cpu_info()
     flags = dict(cpu.get("flags", {}))
-    vnni = bool(flags.get("avx512_vnni") or flags.get("avx_vnni"))
-    amx = bool(flags.get("amx_int8") or flags.get("amx_tile"))
+    # The ISA class has one home (core.environment), which also honours an injected class.
+    cls = envinfo.detect_cpu_class()
+    vnni = bool({"avx512_vnni", "avx_vnni"} & set(cls.classes))
+    amx = "amx" in cls.classes
     return SpeedResult(
         fp32=fp,
         int8=it,
-        speedup=q50,
-        speedup_iqr=(q25, q75),
-        ratios=[float(r) for r in ratios],
+        speedup=speedup,
+        speedup_iqr=iqr,
+        ratios=ratios,
         first_in_round=first,
         threads=int(threads),
         warmup=warmup,
@@ -235,4 +285,17 @@ def benchmark(
         onnxruntime_version=envinfo.package_version("onnxruntime") or "unknown",
         throughput_ratio=(it.throughput_ips / fp.throughput_ips) if (fp.throughput_ips and it.throughput_ips) else None,
         note=no_vnni_note(vnni, amx),
+        baseline=base,
+        speedup_fastest_fp32=speedup_f,
+        speedup_fastest_fp32_iqr=iqr_f,
+        ratios_fastest_fp32=ratios_f,
+        isa_class=cls.detected or "none",
+        isa_classes=list(cls.classes),
     )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or Path(a).samefile(b)
+    except OSError:
+        return False
