@@ -129,7 +129,8 @@ def batched_copy(model: OnnxModel, source: ModelSource | None = None) -> OnnxMod
             proto = onnx.load_from_string(bytes(source))
         else:
             return None
-        make_batch_dynamic(proto, model.input_name)
+        # Tensors shape inference cannot follow (com.microsoft int8 ops) may carry the batch too: the copy is checked.
+        make_batch_dynamic(proto, model.input_name, unknown_carries_batch=True)
         copy = OnnxModel(proto, threads=model.threads, input_name=model.input_name, output_name=model.output_name, what=model.what, quiet=True)
     except UserError:
         return None
@@ -155,7 +156,11 @@ def batch_runner(
         return model
     check = images[: max(2, batch)]
     single = raw_embeddings(model, check, spec, batch=1)
-    batched = raw_embeddings(copy, check, spec, batch=batch)
+    try:
+        batched = raw_embeddings(copy, check, spec, batch=batch)
+    except UserError as e:
+        progress.log(f"note: a batched copy of {model.what} does not run ({e}); embedding one image per pass")
+        return model
     cos = _row_cosines(single, batched)
     if single.shape != batched.shape or not np.all(cos >= BATCH_COPY_MIN_COSINE):
         worst = float(np.nanmin(cos)) if cos.size else float("nan")

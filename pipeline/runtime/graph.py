@@ -139,15 +139,20 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
         graph.input.extend(inputs)
 
 
-def make_batch_dynamic(model: onnx.ModelProto, input_name: str, *, hint: str | None = None) -> list[str]:
+def make_batch_dynamic(
+    model: onnx.ModelProto, input_name: str, *, hint: str | None = None, unknown_carries_batch: bool = False
+) -> list[str]:
     """Make dim 0 of the input and outputs symbolic and fix nodes that hard-code batch 1 (in place).
 
     Which tensors carry the batch is found by shape inference with a symbolic
     batch: a Reshape whose data has that symbolic first dimension but whose
     constant target shape says 1 gets 0 ("copy from input") there, and a
     Flatten with axis 0 (which folds the batch into one row) gets axis 1.
-    Returns what was changed, one line each; a UserError (with ``hint``) for a
-    graph whose batch cannot be freed this way.
+    ``unknown_carries_batch``: also treat a tensor whose shape inference could
+    not follow (operators from other domains) as carrying the batch; only for
+    a copy whose outputs are then checked against the original's. Returns what
+    was changed, one line each; a UserError (with ``hint``) for a graph whose
+    batch cannot be freed this way.
     """
     graph = model.graph
     notes: list[str] = []
@@ -166,7 +171,9 @@ def make_batch_dynamic(model: onnx.ModelProto, input_name: str, *, hint: str | N
 
     def carries_batch(name: str) -> bool:
         s = shapes.get(name)
-        return bool(s) and s[0] == BATCH_DIM
+        if not s:
+            return unknown_carries_batch and name not in inits
+        return s[0] == BATCH_DIM or (unknown_carries_batch and s[0] is None)
 
     for node in graph.node:
         if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in inits and carries_batch(node.input[0]):
