@@ -5,7 +5,8 @@ build (symlinks such as ``latest`` are not followed, so a build is counted
 once). Each build is one row: recipe x target, where the target is the label
 the build was measured under (``$QPIPE_TARGET``, a CI runner label) or else
 the CPU's ISA class. The row holds fp32 and int8 accuracy per data set, the
-speedup with its IQR, the CPU model and ISA class, the speed threshold the
+int8 speedups with their IQRs (over the user's model as given, which the gate
+reads, and over the fastest fp32 qpipe makes), the CPU model and ISA class, the speed threshold the
 gate applied and why, the verdict, and the int8 model's sha256.
 
 The int8 bytes do not depend on the CPU that quantized them (the recipe's
@@ -75,6 +76,12 @@ def _read_report(directory: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _speedup(value: float | None, iqr: list[float | None] | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}x" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr and None not in iqr else "")
+
+
 def build_row(directory: Path, name: str) -> dict[str, Any]:
     """One build's row; a UserError when its manifest is missing or invalid."""
     m = read_manifest(directory)
@@ -102,6 +109,8 @@ def build_row(directory: Path, name: str) -> dict[str, Any]:
         }
     speedup = _num(speed.get("speedup", report.get("speedup")))
     iqr = speed.get("speedup_iqr", report.get("speedup_iqr"))
+    fastest = _num(speed.get("speedup_fastest_fp32", report.get("speedup_fastest_fp32")))
+    fastest_iqr = speed.get("speedup_fastest_fp32_iqr", report.get("speedup_fastest_fp32_iqr"))
     int8_sha = ((m.get("stages") or {}).get("quantize") or {}).get("outputs", {}).get(INT8_NAME) or (
         (m.get("files") or {}).get(INT8_NAME) or {}
     ).get("sha256")
@@ -123,6 +132,8 @@ def build_row(directory: Path, name: str) -> dict[str, Any]:
         "accuracy": accuracy,
         "speedup": speedup,
         "speedup_iqr": [_num(v) for v in iqr] if isinstance(iqr, list) and len(iqr) == 2 else None,
+        "speedup_fastest_fp32": fastest,
+        "speedup_fastest_fp32_iqr": [_num(v) for v in fastest_iqr] if isinstance(fastest_iqr, list) and len(fastest_iqr) == 2 else None,
         "gate": {
             "passed": bool(gate.get("passed")),
             "max_accuracy_drop": _num(gate.get("max_accuracy_drop")),
@@ -196,8 +207,9 @@ def render_markdown(index: dict[str, Any]) -> str:
         f"{len(rows)} build(s) of {len(index['recipes'])} recipe(s); "
         + ("every gate passed." if not failed else f"{len(failed)} gate(s) FAILED."),
         "",
-        "| recipe | target | CPU | ISA class | data set | fp32 % | int8 % | drop | speedup (IQR) | min speedup (class) | verdict | int8 sha256 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| recipe | target | CPU | ISA class | data set | fp32 % | int8 % | drop | speedup (IQR) over model as given "
+        "| speedup (IQR) over fastest fp32 | min speedup (class) | verdict | int8 sha256 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         acc = r["accuracy"]
@@ -205,15 +217,15 @@ def render_markdown(index: dict[str, Any]) -> str:
         fp32 = "<br>".join(_pct(v["fp32"]) for v in acc.values()) or "-"
         int8 = "<br>".join(_pct(v["int8"]) for v in acc.values()) or "-"
         drop = "<br>".join(_pct(v["drop"]) for v in acc.values()) or "-"
-        iqr = r["speedup_iqr"]
-        speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr and None not in iqr else "")
+        speed = _speedup(r["speedup"], r["speedup_iqr"])
+        fastest = _speedup(r.get("speedup_fastest_fp32"), r.get("speedup_fastest_fp32_iqr"))
         g = r["gate"]
         limit = "-" if g["min_speedup"] is None else f"{g['min_speedup']:.2f}x" + (f" ({g['threshold_class']})" if g["threshold_class"] else "")
         sha = f"`{r['int8_sha256'][:12]}`" if r["int8_sha256"] else "-"
         verdict = "passed" if r["verdict"] == "passed" else "**FAILED**"
         out.append(
             f"| {_md(r['recipe'])} | {_md(r['target'])} | {_md(r['cpu']['model'] or '-')} | {_md(r['cpu']['isa_class'] or 'none')} "
-            f"| {names} | {fp32} | {int8} | {drop} | {speed} | {limit} | {verdict} | {sha} |"
+            f"| {names} | {fp32} | {int8} | {drop} | {speed} | {fastest} | {limit} | {verdict} | {sha} |"
         )
     out += ["", "## int8 bytes per recipe", ""]
     for name, g in index["recipes"].items():

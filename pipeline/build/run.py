@@ -7,6 +7,8 @@ Layout under the artifact root (``artifacts/`` or ``--workdir``)::
       latest -> <date>-<hash>     newest finished build whose gate passed (or a LATEST text file)
       <date>-<hash>/
         fp32.onnx int8.onnx       converted fp32 model and its int8 quantization
+        fp32-given.onnx           the model converted but not rewritten (only when convert.prelu changed
+                                  the graph): the baseline of the speedup the gate reads
         report.json report.md report.png
         recipe.yaml               the resolved recipe with both inputs pinned by sha256
         MODEL_CARD.md
@@ -51,6 +53,8 @@ LATEST_FILE = "LATEST"
 SHORT_HASH = 12
 
 FP32_NAME = "fp32.onnx"
+# The user's model converted but not rewritten: kept when convert.prelu changed the graph, as verify's speed baseline.
+FP32_GIVEN_NAME = "fp32-given.onnx"
 INT8_NAME = "int8.onnx"
 REPORT_FILES = ("report.json", "report.md", "report.png")
 CARD_NAME = "MODEL_CARD.md"
@@ -459,7 +463,10 @@ def run(
         fp32_sha = stages["convert"].outputs[FP32_NAME]
         stages["quantize"] = _quantize_stage(recipe, state, run_dir, dl.model.path, fp32_sha, dl.data.path, data_sha, progress)
         int8_sha = stages["quantize"].outputs[INT8_NAME]
-        stages["verify"] = _verify_stage(recipe, state, run_dir, fp32_sha, int8_sha, dl.data.path, data_sha, embeddings, progress)
+        given_sha = stages["convert"].outputs.get(FP32_GIVEN_NAME)
+        stages["verify"] = _verify_stage(
+            recipe, state, run_dir, fp32_sha, int8_sha, dl.data.path, data_sha, embeddings, progress, given_sha=given_sha
+        )
         gate = stages["verify"].result.get("gate", {"passed": False, "reasons": ["verify recorded no gate result"]})
 
         report = _read_json(run_dir / "report.json")
@@ -578,13 +585,22 @@ def _convert_stage(recipe, state, run_dir, model_path, model_sha, data_path, dat
     key = _stage_key("convert", model=model_sha, data=data_sha, settings=_settings(c, recipe.model.input))
 
     def body(work: Path) -> tuple[dict[str, Any], list[str]]:
-        res = convert(
-            model_path, work / FP32_NAME, opset=c.opset, dynamic_batch=c.dynamic_batch, data=data_path,
-            input_spec=recipe.model.input, samples=c.check_samples, min_cosine=c.min_cosine, progress=progress,
+        kw = dict(
+            opset=c.opset, dynamic_batch=c.dynamic_batch, data=data_path, input_spec=recipe.model.input,
+            samples=c.check_samples, min_cosine=c.min_cosine, progress=progress,
         )
+        res = convert(model_path, work / FP32_NAME, prelu=c.prelu, **kw)
         result = res.to_dict()
         result["output"] = FP32_NAME
-        return result, [FP32_NAME]
+        produced = [FP32_NAME]
+        # A stale copy from an earlier build of this directory must not be listed as this build's.
+        (run_dir / FP32_GIVEN_NAME).unlink(missing_ok=True)
+        if res.prelu:
+            # The speed baseline is the user's model as given: converted the same way, PRelu kept.
+            given = convert(model_path, work / FP32_GIVEN_NAME, prelu="keep", **kw)
+            result["given"] = {"output": FP32_GIVEN_NAME, "worst_cosine": given.worst_cosine}
+            produced.append(FP32_GIVEN_NAME)
+        return result, produced
 
     return _run_stage("convert", key, state, run_dir, body, progress)
 
@@ -613,19 +629,20 @@ def _quantize_stage(recipe, state, run_dir, source_model, fp32_sha, data_path, d
     return _run_stage("quantize", key, state, run_dir, body, progress)
 
 
-def _verify_stage(recipe, state, run_dir, fp32_sha, int8_sha, data_path, data_sha, embeddings, progress) -> StageRecord:
+def _verify_stage(recipe, state, run_dir, fp32_sha, int8_sha, data_path, data_sha, embeddings, progress, *, given_sha=None) -> StageRecord:
     from pipeline.stages.report import write_reports
     from pipeline.stages.verify import verify
 
     key = _stage_key(
         "verify", fp32=fp32_sha, int8=int8_sha, data=data_sha, settings=_settings(recipe.model.input, recipe.verify, recipe.gate),
         cpu=recipe.gate.speed_threshold().to_dict(),  # timed on another class of CPU, the gate is another gate
+        **({"baseline": given_sha} if given_sha else {}),
     )
 
     def body(work: Path) -> tuple[dict[str, Any], list[str]]:
         res = verify(
             run_dir / FP32_NAME, run_dir / INT8_NAME, [data_path], input_spec=recipe.model.input, verify=recipe.verify,
-            gate=recipe.gate, cache_dir=embeddings, progress=progress,
+            gate=recipe.gate, cache_dir=embeddings, baseline=run_dir / FP32_GIVEN_NAME if given_sha else None, progress=progress,
         )
         write_reports(res, work)
         g = res.gate
@@ -659,10 +676,19 @@ def _manifest_body(recipe, dl, stages, gate, report, command, started, *, run_di
         if durations:
             execution["stages"][name]["reported_by_stage"] = durations
     if report:
-        speed: dict[str, Any] = {k: report.get(k) for k in ("speedup", "speedup_iqr", "speed_note")}
+        speed: dict[str, Any] = {
+            k: report.get(k) for k in ("speedup", "speedup_iqr", "speedup_fastest_fp32", "speedup_fastest_fp32_iqr", "speed_note")
+        }
+        # Which model each speedup is over: the user's model as given (the gate's) and the fastest fp32.
+        speed["over"] = {"speedup": FP32_GIVEN_NAME if stages["convert"].outputs.get(FP32_GIVEN_NAME) else FP32_NAME,
+                         "speedup_fastest_fp32": FP32_NAME}
         for side in ("fp32", "int8"):
             block = report.get(side) or {}
             speed[side] = {k: v for k, v in block.items() if k.startswith(("latency", "throughput"))}
+        given = (report.get("speed") or {}).get("baseline")
+        if isinstance(given, dict):
+            speed["fp32_given"] = {k: v for k, v in given.items() if k.startswith(("latency", "throughput"))}
+        speed["cpu"] = report.get("speed_cpu")
         threads = (report.get("environment") or {}).get("threads")
         speed["threads"] = threads
         execution["speed"] = speed
