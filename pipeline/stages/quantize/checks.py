@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import onnx
 
 from pipeline.core.errors import UserError
+from pipeline.runtime.graph import dims as value_dims
+from pipeline.runtime.graph import graph_inputs, model_opset
 from pipeline.stages.quantize.depthwise import has_depthwise_conv
 
 if TYPE_CHECKING:
@@ -36,23 +38,18 @@ def load_model(path: Path, what: str) -> onnx.ModelProto:
         raise UserError(f"{what} {path} is not an ONNX model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
-    out: list[int | str | None] = []
-    for d in vi.type.tensor_type.shape.dim:
-        out.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
-    return out
-
-
 def check_model(model: onnx.ModelProto, path: Path, spec: "InputSpec", calibration: "CalibrationSection") -> ModelFacts:
     """Refuse models the engines would fail on obscurely, with a message that says what to do."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    try:
+        opset: int | None = model_opset(model)
+    except UserError:
+        opset = None  # reported below as too old, with the hint to convert
     if opset is None or opset < 10:
         raise UserError(
             f"{path}: opset {opset} is too old to quantize (QLinearConv needs opset 10+)",
             hint="convert it first: qpipe convert",
         )
-    inits = {i.name for i in model.graph.initializer}
-    real_inputs = [i for i in model.graph.input if i.name not in inits]
+    real_inputs = graph_inputs(model)
     if len(real_inputs) != len(model.graph.input):
         # INC 3.7.1's topological sort fails with a bare KeyError on these (old MXNet exports).
         raise UserError(
@@ -67,7 +64,7 @@ def check_model(model: onnx.ModelProto, path: Path, spec: "InputSpec", calibrati
     if name not in names:
         raise UserError(f"{path}: no input named {name!r} (model.input.name); the model's inputs are {names}")
     vi = next(i for i in real_inputs if i.name == name)
-    dims = _dims(vi)
+    dims = value_dims(vi) or []
     if vi.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise UserError(f"{path}: input {name!r} is not float32; only float models can be quantized")
     if len(dims) != 4:
