@@ -57,6 +57,9 @@ def convert(
     ] = None,
     samples: Annotated[Optional[int], typer.Option(help="Inputs in the equivalence gate [recipe convert.check_samples].")] = None,
     min_cosine: Annotated[Optional[float], typer.Option(help="Gate: worst embedding cosine allowed [recipe convert.min_cosine].")] = None,
+    prelu: Annotated[
+        Optional[str], typer.Option(help="rewrite: PRelu as depthwise 1x1 convolutions, Relu and Add (same function, faster); keep: as exported [recipe convert.prelu, default rewrite].")
+    ] = None,
     recipe: RecipeOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -66,7 +69,10 @@ def convert(
 
     r = recipe_with(
         recipe,
-        **{"convert.opset": opset, "convert.dynamic_batch": dynamic_batch, "convert.check_samples": samples, "convert.min_cosine": min_cosine},
+        **{
+            "convert.opset": opset, "convert.dynamic_batch": dynamic_batch, "convert.check_samples": samples,
+            "convert.min_cosine": min_cosine, "convert.prelu": prelu,
+        },
     )
     c = r.convert
     res = run_convert(
@@ -78,6 +84,7 @@ def convert(
         input_spec=r.model.input,
         samples=c.check_samples,
         min_cosine=c.min_cosine,
+        prelu=c.prelu,
         progress=progress_bars(quiet),
     )
     if res.copied:

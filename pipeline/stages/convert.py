@@ -71,6 +71,7 @@ class ConvertResult:
     input_name: str = ""
     output_name: str = ""
     cosines: list[float] = field(default_factory=list)
+    prelu: dict[str, Any] = field(default_factory=dict)  # what the PRelu rewrite did (empty: none asked for or none found)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -90,6 +91,7 @@ def convert(
     samples: int = 8,
     min_cosine: float = 0.99999,
     seed: int = 0,
+    prelu: str = "keep",
     progress: Progress | None = None,
 ) -> ConvertResult:
     """Convert ``src`` to ``opset`` and write it to ``dst`` only if it is equivalent to the source.
@@ -111,6 +113,8 @@ def convert(
         samples: images in the gate.
         min_cosine: every embedding's cosine to the source's must reach this.
         seed: chooses the faces from ``data`` or draws the random images.
+        prelu: "rewrite" expresses PRelu in ops onnxruntime runs fast in fp32 and
+            int8 (pipeline.stages.prelu; the gate proves it); "keep" leaves it.
         progress: progress reporting; None: silent.
 
     Raises:
@@ -181,6 +185,18 @@ def convert(
         result = _finish(converted, dynamic_batch=dynamic_batch, input_name=inp.name, output_name=out.name, repairs=repairs)
         opset_to = opset
 
+    prelu_done = None
+    if prelu not in ("keep", "rewrite"):
+        raise UserError(f"convert: prelu must be keep or rewrite, got {prelu!r}")
+    if prelu == "rewrite":
+        from pipeline.stages.prelu import count_prelu, rewrite_prelu
+
+        if result is None and count_prelu(work):
+            result, copied = _finish(work, dynamic_batch=False, input_name=inp.name, output_name=out.name, repairs=repairs), False
+        if result is not None and count_prelu(result):
+            prelu_done = rewrite_prelu(result)
+            repairs.append(prelu_done.summary())
+
     with atomic_path(dst) as tmp:
         if result is None:
             shutil.copyfile(src, tmp)
@@ -200,6 +216,7 @@ def convert(
         worst_cosine=gate["worst"], max_abs_diff=gate["max_abs"], samples=len(images), sample_source=sample_source,
         dynamic_batch=gate["dynamic"], batch_checked=gate["batch"], copied=copied, seconds=round(time.perf_counter() - t0, 3),
         reference=reference, input_name=inp.name, output_name=out.name, cosines=gate["cosines"],
+        prelu=prelu_done.to_dict() if prelu_done is not None else {},
     )
 
 
