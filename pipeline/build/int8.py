@@ -40,6 +40,7 @@ def build_int8(
     eval_data: str | Path | None = None,
     report_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    write_manifest: bool = True,
     progress: "Progress | None" = None,
 ) -> QuantizeResult:
     """Quantize ``model`` to ``out``, recovering accuracy when ``quantization.recovery.enabled``; ``manifest.json`` beside ``out``.
@@ -57,6 +58,8 @@ def build_int8(
             default ``calib`` when it is a ``.bin``.
         report_dir: where recovery writes recovery.json/.md and diagnose.json/.md; default beside ``out``.
         cache_dir: fp32 embedding cache recovery shares with ``qpipe verify``, or None.
+        write_manifest: False for a caller that records the manifest itself
+            (:func:`pipeline.build.manifest.quantize_manifest` of the result): nothing is written beside ``out``.
         progress: progress bars and notes.
 
     Returns the quantize result of the model at ``out``: its ``recovery`` holds the
@@ -76,22 +79,23 @@ def build_int8(
 
     res = quantize(
         model, calib, out, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
-        source_model=source_model, eval_data=eval_data, before_publish=None if recovering or placing else manifest_first,
+        source_model=source_model, eval_data=eval_data,
+        before_publish=manifest_first if write_manifest and not (recovering or placing) else None,
         progress=progress,
     )
     if not recovering and not placing:
-        return dataclasses.replace(res, manifest=Path(out).parent / MANIFEST_NAME)
+        return dataclasses.replace(res, manifest=Path(out).parent / MANIFEST_NAME if write_manifest else None)
     if recovering:
         res = recover(
             model, calib, out, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
             source_model=source_model, eval_data=eval_data, first=res, report_dir=report_dir, cache_dir=cache_dir, progress=progress,
         ).quantize
-    body = res.manifest_body()
     if placing:
         res, _ = place(
             model, calib, out, base=res, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
             source_model=source_model, eval_data=eval_data, cache_dir=cache_dir, progress=progress,
         )
-        body = {**res.manifest_body(), "placement": res.placement}
-    manifest = write_quantize_manifest(res.output, body, recovery=res.recovery)
+    if not write_manifest:
+        return res
+    manifest = write_quantize_manifest(res.output, res.manifest_body(), recovery=res.recovery, placement=res.placement)
     return dataclasses.replace(res, manifest=manifest)

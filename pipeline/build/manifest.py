@@ -124,23 +124,33 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 # --- the int8 model's manifest ---------------------------------------------------
 
 
-def write_quantize_manifest(int8: str | os.PathLike[str], body: dict[str, Any], *, recovery: dict[str, Any] | None = None) -> Path:
-    """Write ``manifest.json`` beside the int8 model ``int8`` (``qpipe quantize``'s manifest); return its path.
+def quantize_manifest(
+    int8: str | os.PathLike[str], body: dict[str, Any], *, recovery: dict[str, Any] | None = None, placement: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``qpipe quantize``'s manifest of the int8 model at ``int8``.
 
     ``body``: what the quantize stage recorded for the model
     (``QuantizeResult.manifest_body()``); its ``files.int8`` entry is made to name
-    ``int8``, where the model now is (recovery quantizes its candidates elsewhere).
-    ``recovery``: the accuracy recovery's section, when it ran.
+    ``int8``, where the model now is (recovery and placement quantize their candidates
+    elsewhere). ``recovery`` and ``placement``: their sections, when they ran.
     """
-    path = Path(int8)
     manifest = dict(body)
     files = dict(manifest.get("files") or {})
-    files["int8"] = {**(files.get("int8") or {}), "path": str(path)}
+    files["int8"] = {**(files.get("int8") or {}), "path": str(Path(int8))}
     manifest["files"] = files
     if recovery is not None:
         manifest["recovery"] = recovery
-    out = path.parent / MANIFEST_NAME
-    atomic_write_json(out, manifest)
+    if placement is not None:
+        manifest["placement"] = placement
+    return manifest
+
+
+def write_quantize_manifest(
+    int8: str | os.PathLike[str], body: dict[str, Any], *, recovery: dict[str, Any] | None = None, placement: dict[str, Any] | None = None
+) -> Path:
+    """Write :func:`quantize_manifest` as ``manifest.json`` beside the int8 model; return its path."""
+    out = Path(int8).parent / MANIFEST_NAME
+    atomic_write_json(out, quantize_manifest(int8, body, recovery=recovery, placement=placement))
     return out
 
 

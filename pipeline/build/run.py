@@ -469,7 +469,7 @@ def run(
         )
         gate = stages["verify"].result.get("gate", {"passed": False, "reasons": ["verify recorded no gate result"]})
 
-        report = _read_json(run_dir / "report.json")
+        report = stages["verify"].result.get("report")
         pinned = pinned_recipe(recipe, model_sha, data_sha)
         reproduce = command or reproduce_command(None, None)
         roots = [run_dir, run_dir.resolve(), cache, cache.resolve()]
@@ -560,14 +560,6 @@ def combined_exit_code(outcomes: list[RecipeOutcome]) -> int:
     return 2 if 2 in codes else (1 if 1 in codes else 0)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _settings(*sections: Any) -> list[Any]:
     return [s.model_dump(mode="json") if hasattr(s, "model_dump") else s for s in sections]
 
@@ -607,6 +599,7 @@ def _convert_stage(recipe, state, run_dir, model_path, model_sha, data_path, dat
 
 def _quantize_stage(recipe, state, run_dir, source_model, fp32_sha, data_path, data_sha, progress) -> StageRecord:
     from pipeline.build.int8 import build_int8
+    from pipeline.build.manifest import quantize_manifest
 
     key = _stage_key(
         "quantize", fp32=fp32_sha, data=data_sha,
@@ -616,11 +609,11 @@ def _quantize_stage(recipe, state, run_dir, source_model, fp32_sha, data_path, d
     def body(work: Path) -> tuple[dict[str, Any], list[str]]:
         res = build_int8(
             run_dir / FP32_NAME, data_path, work / INT8_NAME, input_spec=recipe.model.input, calibration=recipe.calibration,
-            quantization=recipe.quantization, recipe=recipe, source_model=source_model, progress=progress,
+            quantization=recipe.quantization, recipe=recipe, source_model=source_model, write_manifest=False, progress=progress,
         )
         result = res.to_dict()
-        # The int8 step's manifest.json (beside its output) is folded into the artifact manifest.
-        stage_manifest = _read_json(work / "manifest.json") or {}
+        # What `qpipe quantize` would write beside its output is folded into the artifact manifest.
+        stage_manifest = quantize_manifest(INT8_NAME, res.manifest_body(), recovery=res.recovery, placement=res.placement)
         result["stage_manifest"] = {k: v for k, v in stage_manifest.items() if k not in _STAGE_MANIFEST_DROP}
         result["output"] = INT8_NAME
         result.pop("manifest", None)  # a path in the work directory, gone after the stage
@@ -651,7 +644,8 @@ def _verify_stage(recipe, state, run_dir, fp32_sha, int8_sha, data_path, data_sh
         produced = [f for f in REPORT_FILES if (work / f).is_file()]
         if "report.json" not in produced:
             raise RuntimeError("verify wrote no report.json")
-        return {"gate": gate}, produced
+        # The report travels in the stage record, so a reused stage gives it without reading files back.
+        return {"gate": gate, "report": res.to_dict()}, produced
 
     return _run_stage("verify", key, state, run_dir, body, progress)
 
@@ -662,7 +656,9 @@ def _manifest_body(recipe, dl, stages, gate, report, command, started, *, run_di
     stage_info: dict[str, Any] = {}
     execution: dict[str, Any] = {"stages": {}}
     for name, st in stages.items():
-        stable, durations = _split_timing(_relative(st.result, roots))
+        # verify's report is summarised below (accuracy, speed), not copied whole.
+        result = {k: v for k, v in st.result.items() if not (name == "verify" and k == "report")}
+        stable, durations = _split_timing(_relative(result, roots))
         sm = stable.get("stage_manifest")
         if isinstance(sm, dict):
             # Only what the stage result does not already say (e.g. the calibration indices, the input files' hashes).
