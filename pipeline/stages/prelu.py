@@ -9,7 +9,7 @@ QuantizeLinear. Real slopes are negative in a third to a half of the channels
 and sometimes above 1, so the rewrites hold for any slope. With ``x`` the
 input and ``a`` the per-channel slopes, ``k = |1 - a|``:
 
-* ``dwconv-pair`` (the default, for fp32 and int8):
+* ``dwconv-pair``:
   ``DwConv1x1(x, a) + Relu(DwConv1x1(x, k))``, plus ``DwConv1x1(., sign(1 - a))``
   on the Relu branch when some slope exceeds 1 (``(1 - a) Relu(x)`` is then
   not the Relu of a scaled ``x``). In fp32 the whole chain stays in NCHWc
@@ -17,10 +17,11 @@ input and ``a`` the per-channel slopes, ``k = |1 - a|``:
   every op has a kernel (depthwise QLinearConv with the Relu folded into its
   output range, QLinearAdd), so no fp32 island is left. It equals PRelu up to
   float rounding (about one ulp of ``x``).
-* ``fold-pair``: the same, but where the PRelu's input comes from a depthwise
-  Conv read by nothing else, that Conv is copied with its weights scaled by
-  ``a`` and by ``k`` instead of adding two 1x1 depthwise convolutions (one
-  requantization fewer per PRelu in int8; about the same speed).
+* ``fold-pair`` (the default, for fp32 and int8): the same, but where the
+  PRelu's input comes from a depthwise Conv read by nothing else, that Conv
+  is copied with its weights scaled by ``a`` and by ``k`` instead of adding
+  two 1x1 depthwise convolutions (one requantization fewer per PRelu in
+  int8; about the same speed).
 * ``dwconv-min``: ``Relu(x) + DwConv1x1(Min(x, 0), a)``: bit-identical to
   PRelu (one product plus an exact zero), fp32 only: int8 has no Min kernel,
   and quantizers that drop a Relu by folding it into its producer's output
@@ -47,9 +48,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 FORMS = ("dwconv-pair", "fold-pair", "dwconv-min", "mul-pair")
-# Fastest fp32 form measured (PRelu MobileFaceNet-512, AVX2: 1.8x over the PRelu graph; dwconv-min 1.4x),
-# and quantizable whole: the form convert writes, so quantize sees it too.
-DEFAULT_FORM = "dwconv-pair"
+# The form convert writes, so quantize sees it too: as fast as dwconv-pair in fp32 and in int8 (the fastest
+# fp32 forms measured; dwconv-min is slower), quantizable whole, and one requantization fewer where a
+# depthwise Conv feeds the PRelu (`python benchmarks/models.py --models prelu512` measures it).
+DEFAULT_FORM = "fold-pair"
 INT8_FORMS = ("dwconv-pair", "fold-pair", "mul-pair")  # every Relu reads a tensor nothing else reads
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
