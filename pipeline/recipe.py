@@ -118,9 +118,10 @@ class ConvertSection(_Section):
     min_cosine: float = Field(0.99999, description="Equivalence gate: every embedding's cosine to the source must reach this.")
     prelu: Literal["keep", "rewrite"] = Field(
         "rewrite",
-        description="rewrite: PRelu becomes DwConv1x1(x, a) + Relu(DwConv1x1(x, abs(1-a))) (LeakyRelu where a node has one slope): "
-        "the same function up to float rounding, which the equivalence gate checks; onnxruntime runs it 1.8x faster in fp32 "
-        "(PRelu MobileFaceNet-512, AVX2) and int8 quantizes all of it. keep: PRelu as exported.",
+        description="rewrite: PRelu(x, a) becomes a*x + Relu(abs(1-a)*x) (sign-flipped where a > 1) as 1x1 depthwise convolutions, "
+        "Relu and Add, a depthwise Conv feeding it copied with scaled weights instead, LeakyRelu where a node has one slope: "
+        "the same function up to float rounding (the equivalence gate checks it), faster in fp32 and quantizable whole. "
+        "keep: PRelu as exported.",
     )
 
 
