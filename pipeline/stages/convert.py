@@ -327,7 +327,7 @@ def repair_batchnorm_spatial(model: onnx.ModelProto) -> list[str]:
     if changed:
         del graph.node[:]
         graph.node.extend(new_nodes)
-        _drop_unused_initializers(model)
+        onnxutil.drop_unused_initializers(model)
     if per_channel:
         repairs.insert(
             0,
@@ -335,23 +335,6 @@ def repair_batchnorm_spatial(model: onnx.ModelProto) -> list[str]:
             f"node(s): {', '.join(per_channel[:3])}{', ...' if len(per_channel) > 3 else ''}",
         )
     return repairs
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    graph = model.graph
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    if len(keep) != len(graph.initializer):
-        kept = {t.name for t in keep}
-        dropped = {t.name for t in graph.initializer} - kept
-        inputs = [i for i in graph.input if i.name not in dropped]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-        del graph.input[:]
-        graph.input.extend(inputs)
-
-
-# --- conversion ----------------------------------------------------------------------
 
 
 def _version_convert(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
