@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -172,3 +174,146 @@ def test_unloadable_model_is_a_user_error(tmp_path):
     face_model(good)
     with pytest.raises(UserError, match="no input 'x'"):
         OnnxModel(good, input_name="x")
+
+
+# --- the one interleaved loop, for any number of models ------------------------------------
+
+
+class PositionClock(FakeClock):
+    """A run costs ``base[model] + penalty * its block's position in the round + jitter[run in block]`` (ms).
+
+    The position comes from the count of timed calls alone (block k of N in a round is at k % N),
+    so the fake machine knows nothing of the loop's order: it only punishes going later.
+    """
+
+    def __init__(self, base, penalty, runs_per_round, jitter, warmup_calls=0, warmup_ms=1000.0):
+        super().__init__()
+        self.base, self.penalty, self.runs, self.jitter = base, penalty, runs_per_round, jitter
+        self.warmup_calls, self.warmup_ms = warmup_calls, warmup_ms
+        self.calls = 0
+        self.log: list[tuple[str, float]] = []  # (model, cost) of every timed call
+
+    def model(self, name):
+        def run(x):
+            assert len(x) == 1
+            k = self.calls - self.warmup_calls
+            self.calls += 1
+            if k < 0:
+                self.now += self.warmup_ms / 1000.0
+                return
+            block = k // self.runs
+            cost = self.base[name] + self.penalty * (block % len(self.base)) + self.jitter[k % self.runs]
+            self.log.append((name, cost))
+            self.now += cost / 1000.0
+
+        return run
+
+
+def test_order_bias_cancels_for_three_models_and_round_figures_are_what_the_clock_gave():
+    base = {"a": 10.0, "b": 20.0, "c": 5.0}
+    penalty, runs, rounds = 3.0, 3, 4
+    clock = PositionClock(base, penalty, runs, jitter=[0.0, 7.0, 1.0])  # median of a block's runs: +1
+    res = bench.interleaved_rounds(
+        {k: clock.model(k) for k in base}, np.zeros((1, 3, 4, 4), np.float32), warmup=0, rounds=rounds, runs_per_round=runs, clock=clock,
+    )
+    n = len(base)
+    for k in base:
+        # Alternating forward/reverse: every model's mean position is (N-1)/2, so the mean per-round figure is base + penalty*(N-1)/2.
+        assert np.mean(res.rounds_ms[k]) == pytest.approx(base[k] + penalty * (n - 1) / 2 + 1.0)
+        assert len(res.samples_ms[k]) == rounds * runs
+    blocks = [clock.log[i : i + runs] for i in range(0, len(clock.log), runs)]
+    assert all(len({m for m, _ in b}) == 1 for b in blocks), "a model's runs in a round are back to back"
+    order = [[b[0][0] for b in blocks[r * n : (r + 1) * n]] for r in range(rounds)]
+    assert order == [["a", "b", "c"], ["c", "b", "a"]] * 2
+    assert res.first_in_round == ["a", "c", "a", "c"]
+    for r in range(rounds):
+        for b in blocks[r * n : (r + 1) * n]:
+            assert res.rounds_ms[b[0][0]][r] == pytest.approx(np.median([c for _, c in b]))
+    for k in base:
+        assert res.samples_ms[k] == pytest.approx([c for m, c in clock.log if m == k])
+
+
+def test_warm_up_runs_are_not_in_the_samples_and_the_bar_counts_every_round():
+    base = {"a": 1.0, "b": 2.0, "c": 3.0}
+    warmup, rounds, runs = 3, 2, 2
+    clock = PositionClock(base, 0.0, runs, jitter=[0.0, 0.0], warmup_calls=warmup * len(base), warmup_ms=1000.0)
+    called = []
+
+    def model(k):
+        run = clock.model(k)
+        return lambda x: (called.append(k), run(x))
+
+    class Task:
+        advanced = 0
+
+        def advance(self, n=1):
+            self.advanced += n
+
+    task = Task()
+    res = bench.interleaved_rounds(
+        {k: model(k) for k in base}, np.zeros((1, 3), np.float32), warmup=warmup, rounds=rounds, runs_per_round=runs, clock=clock, task=task,
+    )
+    assert called[: warmup * 3] == ["a", "b", "c", "c", "b", "a", "a", "b", "c"], "warm-up rounds alternate too, one run each"
+    assert len(called) == warmup * 3 + rounds * runs * 3
+    for k in base:
+        assert res.samples_ms[k] == pytest.approx([base[k]] * rounds * runs), "no 1000 ms warm-up run among the samples"
+        assert res.rounds_ms[k] == pytest.approx([base[k]] * rounds)
+    assert task.advanced == warmup + rounds
+
+
+def test_the_loop_refuses_empty_timing():
+    with pytest.raises(UserError, match="rounds >= 1"):
+        bench.interleaved_rounds({"a": lambda x: None}, np.zeros((1, 3)), warmup=0, rounds=0, runs_per_round=1)
+
+
+def test_placement_times_its_candidates_in_the_one_loop_with_alternating_order(monkeypatch):
+    from pipeline.accuracy import placement
+
+    names = ["fp32", "as_built", "depthwise_fp32", "pointwise_only"]
+    base = {"fp32": 10.0, "as_built": 8.0, "depthwise_fp32": 6.0, "pointwise_only": 7.0}
+    clock = PositionClock(base, 2.0, 2, jitter=[0.0, 0.0])
+    created = []
+
+    def factory(path, *, threads, input_name=None, output_name=None):
+        name = Path(path).stem
+        created.append((name, threads, input_name, output_name))
+        m = clock.model(name)
+        m.dynamic_batch, m.fixed_batch = True, None
+        return m
+
+    calls = []
+    real = placement.interleaved_rounds
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(placement, "interleaved_rounds", spy)
+    per_round = placement.time_models(
+        {n: Path(f"{n}.onnx") for n in names}, np.zeros((4, 3, 8, 8)), input_name="data", output_name="fc1", threads=2,
+        warmup=0, rounds=4, runs_per_round=2, model_factory=factory, clock=clock,
+    )
+    assert len(calls) == 1 and calls[0]["rounds"] == 4 and calls[0]["runs_per_round"] == 2
+    assert [c[0] for c in created] == names and all(c[1:] == (2, "data", "fc1") for c in created)
+    order = [clock.log[i][0] for i in range(0, len(clock.log), 2)]
+    assert order == (names + names[::-1]) * 2, "forward then reverse, not rotated"
+    for n in names:
+        assert np.mean(per_round[n]) == pytest.approx(base[n] + 2.0 * 3 / 2)
+    assert set(per_round) == set(names)
+
+
+def test_placement_refuses_a_fixed_batch_other_than_one():
+    from pipeline.accuracy import placement
+
+    class Session:
+        def __init__(self, fixed_batch):
+            self.dynamic_batch, self.fixed_batch = fixed_batch is None, fixed_batch
+
+        def __call__(self, x):
+            return None
+
+    with pytest.raises(UserError, match="the as_built model has a fixed batch of 8"):
+        placement.time_models(
+            {"fp32": Path("a"), "as_built": Path("b")}, np.zeros((1, 3)), input_name=None, output_name=None, threads=1,
+            warmup=0, rounds=1, runs_per_round=1, model_factory=lambda p, **kw: Session(8 if str(p) == "b" else None),
+        )

@@ -23,7 +23,6 @@ recovery) already accepted.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import shutil
 import tempfile
 import time
@@ -38,6 +37,7 @@ from onnx import numpy_helper
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_path, atomic_write_json
 from pipeline.core.progress import NULL_PROGRESS, Progress
+from pipeline.eval.speed import interleaved_rounds, open_for_latency
 from pipeline.runtime.graph import graph_links
 
 if TYPE_CHECKING:
@@ -166,46 +166,16 @@ def time_models(
     model_factory: Callable[..., Any] | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Each model's per-round batch-1 latency (ms): the project's method for several models at once.
+    """Each model's per-round batch-1 latency (ms), timed in the same rounds by :func:`interleaved_rounds`.
 
-    Sessions are opened once, without spinning threads; every round times ``runs_per_round``
-    back-to-back runs of each model (the round's figure is their median), and the order
-    rotates from round to round so that every model goes first as often as any other.
+    Sessions are opened once, without spinning threads; ``model_factory`` and ``clock`` are seams for tests.
     """
-    from pipeline.runtime.session import OnnxModel
-
     progress = progress or NULL_PROGRESS
-    factory = model_factory or OnnxModel
-    sessions = {k: factory(p, threads=threads, input_name=input_name, output_name=output_name) for k, p in models.items()}
-    for k, m in sessions.items():
-        if not m.dynamic_batch and m.fixed_batch != 1:
-            raise UserError(f"the {k} model has a fixed batch of {m.fixed_batch}; latency is measured at batch 1")
+    sessions = open_for_latency(models, threads=threads, input_name=input_name, output_name=output_name, model_factory=model_factory)
     one = np.ascontiguousarray(x[:1], dtype=np.float32)
-    names = list(sessions)
-    per_round: dict[str, list[float]] = {k: [] for k in names}
-
-    def timed(k: str) -> float:
-        t0 = clock()
-        sessions[k](one)
-        return (clock() - t0) * 1000.0
-
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        with progress.task(f"timing fp32 and {len(names) - 1} int8 placements", total=rounds, unit="rounds") as task:
-            for _ in range(warmup):
-                for k in names:
-                    timed(k)
-            for r in range(rounds):
-                shift = r % len(names)
-                for k in names[shift:] + names[:shift]:
-                    per_round[k].append(float(np.median([timed(k) for _ in range(runs_per_round)])))
-                task.advance()
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return per_round
+    with progress.task(f"timing fp32 and {len(sessions) - 1} int8 placements", total=warmup + rounds, unit="rounds") as task:
+        timed = interleaved_rounds(sessions, one, warmup=warmup, rounds=rounds, runs_per_round=runs_per_round, clock=clock, task=task)
+    return timed.rounds_ms
 
 
 # --- the result --------------------------------------------------------------------

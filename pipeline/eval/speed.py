@@ -1,9 +1,10 @@
 """Latency and throughput of an fp32 and an int8 model, measured so the ratio can be trusted.
 
 Both models are timed in one process with one fixed intra-op thread count,
-sessions created once, after warm-up, and *interleaved*: every round times
+sessions created once, after warm-up, and *interleaved* (:func:`interleaved_rounds`,
+the one timing loop for any number of models): every round times
 ``runs_per_round`` batch-1 runs of each model (the round's figure is their
-median), and the model that goes first alternates from round to round. A slow
+median), and the order is reversed from one round to the next. A slow
 phase of a noisy machine (another job, frequency scaling, a cold cache) then
 hits both models within the same round, and the speedup is the median of the
 per-round ratios fp32/int8, reported with its interquartile range so the
@@ -19,17 +20,18 @@ Every result names the CPU and its ISA class (:mod:`pipeline.core.environment`).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from pipeline.core.errors import UserError
-from pipeline.core.progress import NULL_PROGRESS, Progress
+from pipeline.core.progress import NULL_PROGRESS, Progress, TaskHandle
 from pipeline.runtime.session import OnnxModel
 
 # Throughput is a secondary figure: a few interleaved batch runs per model.
@@ -134,6 +136,105 @@ def _repeat_to(x: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([x] * reps)[:n]) if reps > 1 else np.ascontiguousarray(x[:n])
 
 
+# --- the interleaved loop ----------------------------------------------------------
+
+
+@dataclass
+class Rounds:
+    """What :func:`interleaved_rounds` measured, per model, in milliseconds (warm-up runs not included)."""
+
+    samples_ms: dict[str, list[float]]  # every timed run, in the order run
+    rounds_ms: dict[str, list[float]]  # one figure a round: the median of its runs
+    first_in_round: list[str]
+
+
+def round_order(names: Sequence[str], r: int) -> list[str]:
+    """The order of round ``r``: as given in even rounds, reversed in odd ones.
+
+    Over a pair of rounds a model at position p stands at N-1-p too, so every
+    model's mean position is (N-1)/2: a cost that grows with the position in a
+    round (a cache warmed by the model before, a frequency ramp) hits all alike.
+    """
+    return list(names) if r % 2 == 0 else list(names)[::-1]
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The garbage collector off for the block: a collection mid-run would land on whichever model happens to be running."""
+    was_enabled = gc.isenabled()
+    if was_enabled:  # nested in another pause: that one collected already
+        gc.collect()
+        gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _time_ms(run: Callable[[np.ndarray], Any], x: np.ndarray, clock: Callable[[], float]) -> float:
+    t0 = clock()
+    run(x)
+    return (clock() - t0) * 1000.0
+
+
+def check_counts(warmup: int, rounds: int, runs_per_round: int) -> None:
+    if rounds < 1 or runs_per_round < 1 or warmup < 0:
+        raise UserError(f"timing needs rounds >= 1 and runs_per_round >= 1 (got {rounds}, {runs_per_round}) and warmup >= 0")
+
+
+def interleaved_rounds(
+    models: Mapping[str, Callable[[np.ndarray], Any]],
+    x: np.ndarray,
+    *,
+    warmup: int,
+    rounds: int,
+    runs_per_round: int,
+    clock: Callable[[], float] = time.perf_counter,
+    task: TaskHandle | None = None,
+) -> Rounds:
+    """Time every model of ``models`` on ``x`` in the same rounds: the project's one latency loop.
+
+    ``warmup`` untimed rounds of one run per model, then ``rounds`` rounds in which each model
+    runs ``runs_per_round`` times back to back; the order is :func:`round_order`'s. ``task``
+    (a bar the caller opened) advances once per warm-up round and once per round. The
+    collector is paused throughout.
+    """
+    check_counts(warmup, rounds, runs_per_round)
+    names = list(models)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    first: list[str] = []
+    with gc_paused():
+        for i in range(warmup):
+            for name in round_order(names, i):
+                _time_ms(models[name], x, clock)
+            if task is not None:
+                task.advance()
+        for r in range(rounds):
+            order = round_order(names, r)
+            first.append(order[0])
+            for name in order:
+                runs = [_time_ms(models[name], x, clock) for _ in range(runs_per_round)]
+                samples[name].extend(runs)
+                per_round[name].append(float(np.median(runs)))
+            if task is not None:
+                task.advance()
+    return Rounds(samples_ms=samples, rounds_ms=per_round, first_in_round=first)
+
+
+def open_for_latency(
+    paths: Mapping[str, Path], *, threads: int, input_name: str | None, output_name: str | None, model_factory: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """One session per model (``model_factory``, default :class:`OnnxModel`), refusing a model whose fixed batch is not 1."""
+    factory = model_factory or OnnxModel
+    models = {name: factory(p, threads=threads, input_name=input_name, output_name=output_name) for name, p in paths.items()}
+    for name, m in models.items():
+        if not m.dynamic_batch and m.fixed_batch != 1:
+            raise UserError(f"the {name} model has a fixed batch of {m.fixed_batch}; latency is measured at batch 1")
+    return models
+
+
 def benchmark(
     fp32: Path,
     int8: Path,
@@ -169,8 +270,7 @@ def benchmark(
     from pipeline.core import environment as envinfo
 
     progress = progress or NULL_PROGRESS
-    if rounds < 1 or runs_per_round < 1 or warmup < 0:
-        raise UserError(f"timing needs rounds >= 1 and runs_per_round >= 1 (got {rounds}, {runs_per_round}) and warmup >= 0")
+    check_counts(warmup, rounds, runs_per_round)
     if threads is None:
         threads = envinfo.physical_cores()
     if threads <= 0:
@@ -179,59 +279,28 @@ def benchmark(
     if baseline is not None and _same_file(baseline, fp32):
         baseline = None
     paths = {"fp32": fp32, "int8": int8, **({"baseline": baseline} if baseline is not None else {})}
-    models = {name: model_factory(p, threads=threads, input_name=input_name, output_name=output_name) for name, p in paths.items()}
+    models = open_for_latency(paths, threads=threads, input_name=input_name, output_name=output_name, model_factory=model_factory)
     if inputs is None:
         rng = np.random.default_rng(0)
         inputs = rng.uniform(0, 255, size=(max(1, throughput_batch), *input_shape)).astype(np.float32)
-    for name, m in models.items():
-        if not m.dynamic_batch and m.fixed_batch != 1:
-            raise UserError(f"the {name} model has a fixed batch of {m.fixed_batch}; latency is measured at batch 1")
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-    one = inputs[:1]
     names = tuple(models)
 
-    def timed(name: str, x: np.ndarray) -> float:
-        m = models[name]
-        t0 = clock()
-        m(x)
-        return (clock() - t0) * 1000.0
-
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    per_round: dict[str, list[float]] = {n: [] for n in names}
-    first: list[str] = []
     tp_ms: dict[str, list[float]] = {n: [] for n in names}
     tp_names = [n for n in names if models[n].dynamic_batch and throughput_batch > 1]
     tp_rounds = max(THROUGHPUT_MIN_ROUNDS, rounds // THROUGHPUT_ROUND_DIVISOR) if tp_names else 0
     batch_x = _repeat_to(inputs, throughput_batch) if tp_names else None
 
-    # The collector pausing mid-run would land on whichever model happens to be running.
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        with progress.task("timing " + " vs ".join(names), total=warmup + rounds + tp_rounds, unit="rounds") as task:
-            for i in range(warmup):
-                for name in names if i % 2 == 0 else names[::-1]:
-                    timed(name, one)
+    with gc_paused(), progress.task("timing " + " vs ".join(names), total=warmup + rounds + tp_rounds, unit="rounds") as task:
+        lat = interleaved_rounds(models, inputs[:1], warmup=warmup, rounds=rounds, runs_per_round=runs_per_round, clock=clock, task=task)
+        if tp_names:
+            for name in tp_names:  # the first batch run allocates bigger buffers: not timed
+                _time_ms(models[name], batch_x, clock)
+            for r in range(tp_rounds):
+                for name in round_order(tp_names, r):
+                    tp_ms[name].append(_time_ms(models[name], batch_x, clock))
                 task.advance()
-            for r in range(rounds):
-                order = names if r % 2 == 0 else names[::-1]
-                first.append(order[0])
-                for name in order:
-                    runs = [timed(name, one) for _ in range(runs_per_round)]
-                    samples[name].extend(runs)
-                    per_round[name].append(float(np.median(runs)))
-                task.advance()
-            if tp_names:
-                for name in tp_names:  # the first batch run allocates bigger buffers: not timed
-                    timed(name, batch_x)
-                for r in range(tp_rounds):
-                    for name in tp_names if r % 2 == 0 else tp_names[::-1]:
-                        tp_ms[name].append(timed(name, batch_x))
-                    task.advance()
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    samples, per_round = lat.samples_ms, lat.rounds_ms
 
     def timing(name: str) -> ModelTiming:
         s = np.asarray(samples[name])
@@ -272,7 +341,7 @@ def benchmark(
         speedup=speedup,
         speedup_iqr=iqr,
         ratios=ratios,
-        first_in_round=first,
+        first_in_round=lat.first_in_round,
         threads=int(threads),
         warmup=warmup,
         rounds=rounds,
