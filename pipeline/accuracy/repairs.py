@@ -1,12 +1,14 @@
 """Which repairs the findings call for, each kept only if the fp32 model still computes the same embeddings.
 
 Model rewrites (:mod:`pipeline.accuracy.rewrites`): cross-layer equalisation
-where a few outlier channels set an activation's range, zeroed weights where a
-near-dead channel overflows the int32 bias. Engine settings, which the caller
-keeps only if they add accuracy: per-channel weights when per-channel weight
-ranges differ by orders of magnitude under one scale per tensor, 8-bit
-activations when INC's reduce_range loses Clip bounds, percentile calibration
-when outlier ranges remain that no pair absorbs.
+where a few outlier channels set an activation's range (also across the Add a
+rewritten PRelu becomes: the tensors inside such a pair are rescaled with it,
+so their own findings count as repaired when that balances them too), zeroed
+weights where a near-dead channel overflows the int32 bias. Engine settings,
+which the caller keeps only if they add accuracy: per-channel weights when
+per-channel weight ranges differ by orders of magnitude under one scale per
+tensor, 8-bit activations when INC's reduce_range loses Clip bounds,
+percentile calibration when outlier ranges remain that no pair absorbs.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 import onnx
 
-from pipeline.accuracy.findings import Finding
+from pipeline.accuracy.findings import ACTIVATION_RANGE_RATIO, Finding
 from pipeline.accuracy.ranges import TensorStats
-from pipeline.accuracy.rewrites import equalize_pair, find_linear_pair, range_ratio, zero_channels
+from pipeline.accuracy.rewrites import LinearPair, equalize_pair, find_linear_pair, range_ratio, zero_channels
 from pipeline.core.errors import UserError
 from pipeline.core.progress import NULL_PROGRESS, Progress
 from pipeline.eval.protocol import cosine_rows
@@ -87,6 +89,8 @@ def plan_repairs(
     repairs: list[Repair] = []
     notes: list[str] = []
     unrepaired_outliers: list[Finding] = []
+    equalised: list[tuple[LinearPair, np.ndarray]] = []
+    unpaired: list[Finding] = []
 
     for f in findings:
         if f.kind != "activation_outliers" or f.severity != "high" or f.tensor is None:
@@ -94,8 +98,7 @@ def plan_repairs(
         pair = find_linear_pair(repaired, f.tensor)
         st = stats.get(f.tensor)
         if pair is None or st is None or st.ch_hi is None or st.ch_lo is None:
-            unrepaired_outliers.append(f)
-            notes.append(f"{f.tensor}: outlier channels but no linear pair to equalise across (it feeds more than one conv, or a non-linearity)")
+            unpaired.append(f)
             continue
         trial = onnx.ModelProto()
         trial.CopyFrom(repaired)
@@ -109,19 +112,37 @@ def plan_repairs(
         worst = check(trial)
         if worst < min_cosine:
             unrepaired_outliers.append(f)
-            notes.append(f"equalising {pair.first} -> {pair.second} changed the embeddings (worst cosine {worst:.7f}); not used")
+            notes.append(f"equalising {pair.label} changed the embeddings (worst cosine {worst:.7f}); not used")
             continue
         repaired = trial
+        equalised.append((pair, s))
         new_ratio = range_ratio(act_range / s)
         repairs.append(
             Repair(
-                "equalize", [pair.first, pair.second],
-                f"cross-layer equalisation of {pair.first} -> {pair.second} through {f.tensor}: its range was {f.value:.0f}x the "
+                "equalize", pair.nodes,
+                f"cross-layer equalisation of {pair.label} through {f.tensor}: its range was {f.value:.0f}x the "
                 f"median channel's (channels {', '.join(map(str, f.channels[:8]))}{' ...' if len(f.channels) > 8 else ''}), now "
                 f"{new_ratio:.1f}x; channel scales {s.min():.3g} .. {s.max():.3g}; worst embedding cosine {worst:.7f}",
             )
         )
-        progress.log(f"repaired: equalised {pair.first} -> {pair.second}")
+        progress.log(f"repaired: equalised {pair.label}")
+
+    for f in unpaired:
+        # A tensor inside an equalised pair (a branch of a rewritten PRelu's Add) had its channels scaled with it.
+        assert f.tensor is not None
+        st = stats.get(f.tensor)
+        inside = next(((p, s) for p, s in equalised if f.tensor in p.scaled), None)
+        if inside is not None and st is not None and st.ch_hi is not None and st.ch_lo is not None:
+            pair, s = inside
+            ratio = range_ratio((np.maximum(st.ch_hi, 0) - np.minimum(st.ch_lo, 0)) / s)
+            if ratio < ACTIVATION_RANGE_RATIO:
+                notes.append(f"{f.tensor}: outlier channels rescaled with the equalisation of {pair.label} (range now {ratio:.1f}x the median channel's)")
+                continue
+            unrepaired_outliers.append(f)
+            notes.append(f"{f.tensor}: still {ratio:.0f}x the median channel's range after equalising {pair.label}")
+            continue
+        unrepaired_outliers.append(f)
+        notes.append(f"{f.tensor}: outlier channels but no linear pair to equalise across (it feeds more than one conv, or a non-linearity)")
 
     overflow = [f for f in findings if f.kind == "bias_overflow"]
     if overflow:

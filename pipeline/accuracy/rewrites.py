@@ -1,12 +1,18 @@
 """Function-preserving rewrites of an fp32 model that make it quantize better.
 
 * **cross-layer equalisation** (Nagel et al., *Data-Free Quantization*, 2019):
-  where a tensor runs through a linear pair ``Conv A -> [BatchNormalization] ->
-  [Relu/PRelu] -> Conv B`` and nowhere else, channel ``c`` of A (weights,
-  bias, BatchNormalization mean and beta) is divided by ``s_c`` and B's input
-  channel ``c`` multiplied by it, with ``s_c = sqrt(r_act_c / r_B_c)``, which
-  leaves the activation and B's weight columns the same range
-  ``sqrt(r_act_c * r_B_c)``;
+  where a tensor runs through a linear pair ``A -> [BatchNormalization] ->
+  [Relu/PRelu/LeakyRelu] -> Conv B`` and nowhere else, channel ``c`` of A
+  (weights and bias of its convolutions, BatchNormalization mean and beta) is
+  divided by ``s_c`` and B's input channel ``c`` multiplied by it, with
+  ``s_c = sqrt(r_act_c / r_B_c)``, which leaves the activation and B's weight
+  columns the same range ``sqrt(r_act_c * r_B_c)``. A is a Conv, or an Add of
+  two branches that each run ``Conv -> [homogeneous activation] -> Add`` and
+  nowhere else: the form a PRelu takes after ``qpipe convert``
+  (:mod:`pipeline.stages.prelu`), ``Add(Conv_lin(x), [Conv_sign](Relu(Conv_pos(x))))``.
+  Scaling the Conv that ends each branch divides the sum's channel ``c`` by
+  ``s_c`` exactly, since a homogeneous activation commutes with a positive
+  scale; a Conv inside a branch (the pos Conv under a sign Conv) stays as it is;
 * **zeroed channels**: output channels whose weights are so small that the
   int32 bias overflows are set exactly to zero, so the engine gives them its
   placeholder scale and keeps their bias.
@@ -14,7 +20,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -30,16 +36,35 @@ HOMOGENEOUS = {"Relu", "PRelu", "LeakyRelu"}
 
 @dataclass
 class LinearPair:
-    """``first`` (Conv) -> [BatchNormalization] -> [homogeneous activation] -> ``second`` (Conv).
+    """``firsts`` -> [BatchNormalization] -> [homogeneous activation] -> ``second`` (Conv).
 
-    ``tensor`` is the value entering ``second``: the activation being equalised.
+    ``firsts`` is one Conv, or the Convs ending the two branches of the Add
+    ``add`` (through ``branch_activations``). ``tensor`` is the value entering
+    ``second``: the activation being equalised. A single name given for
+    ``firsts`` stands for a one-Conv pair.
     """
 
-    first: str
+    firsts: tuple[str, ...]
     second: str
     tensor: str
     batchnorm: str | None = None
     activation: str | None = None
+    add: str | None = None
+    branch_activations: tuple[str, ...] = ()
+    # Every tensor from the firsts' outputs up to ``tensor``: equalisation scales their channels alike.
+    scaled: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        self.firsts = (self.firsts,) if isinstance(self.firsts, str) else tuple(self.firsts)
+
+    @property
+    def nodes(self) -> list[str]:
+        return [*self.firsts, self.second]
+
+    @property
+    def label(self) -> str:
+        """``a+b -> c``: the convolutions the pair rescales."""
+        return f"{'+'.join(self.firsts)} -> {self.second}"
 
 
 def find_linear_pair(model: onnx.ModelProto, tensor: str) -> LinearPair | None:
@@ -51,17 +76,28 @@ def find_linear_pair(model: onnx.ModelProto, tensor: str) -> LinearPair | None:
         users = g.consumers.get(t, [])
         return users[0] if len(users) == 1 and t not in g.outputs else None
 
+    def homogeneous(node: onnx.NodeProto | None) -> bool:
+        return node is not None and node.op_type in HOMOGENEOUS and (node.op_type != "PRelu" or node.input[1] in inits)
+
+    def scalable_conv(node: onnx.NodeProto | None) -> bool:
+        """A Conv whose output channels can be rescaled: constant weights and bias, one output."""
+        if node is None or node.op_type != "Conv" or len(node.output) != 1 or node.input[1] not in inits:
+            return False
+        return not (len(node.input) > 2 and node.input[2] and node.input[2] not in inits)
+
     second = sole_consumer(tensor)
     if second is None or second.op_type != "Conv" or second.input[0] != tensor or second.input[1] not in inits:
         return None
+    scaled = [tensor]
     node = g.producer.get(tensor)
     activation = batchnorm = None
     if node is not None and node.op_type in HOMOGENEOUS:
-        if node.op_type == "PRelu" and node.input[1] not in inits:
+        if not homogeneous(node):
             return None
         activation = node.name
         if sole_consumer(node.input[0]) is None:
             return None
+        scaled.append(node.input[0])
         node = g.producer.get(node.input[0])
     if node is not None and node.op_type == "BatchNormalization":
         if len(node.output) > 1 and any(node.output[1:]) or any(i not in inits for i in node.input[1:5]):
@@ -69,12 +105,37 @@ def find_linear_pair(model: onnx.ModelProto, tensor: str) -> LinearPair | None:
         batchnorm = node.name
         if sole_consumer(node.input[0]) is None:
             return None
+        scaled.append(node.input[0])
         node = g.producer.get(node.input[0])
-    if node is None or node.op_type != "Conv" or node.input[1] not in inits:
+    if scalable_conv(node):
+        assert node is not None
+        return LinearPair(node.name, second.name, tensor, batchnorm, activation, scaled=tuple(scaled))
+    if node is None or node.op_type != "Add" or len(node.input) != 2 or node.input[0] == node.input[1]:
         return None
-    if len(node.input) > 2 and node.input[2] and node.input[2] not in inits:
+    firsts: list[str] = []
+    acts: list[str] = []
+    channels: set[int] = set()
+    for t in node.input:
+        # Each branch: the Add's input, read by the Add alone, made by a Conv through at most one activation.
+        if sole_consumer(t) is None:
+            return None
+        scaled.append(t)
+        p = g.producer.get(t)
+        if homogeneous(p):
+            assert p is not None
+            acts.append(p.name)
+            if sole_consumer(p.input[0]) is None:
+                return None
+            scaled.append(p.input[0])
+            p = g.producer.get(p.input[0])
+        if not scalable_conv(p):
+            return None
+        assert p is not None
+        firsts.append(p.name)
+        channels.add(int(inits[p.input[1]].dims[0]))
+    if len(channels) != 1:  # a one-channel branch broadcast over the other's channels cannot carry a per-channel scale
         return None
-    return LinearPair(node.name, second.name, tensor, batchnorm, activation)
+    return LinearPair(tuple(firsts), second.name, tensor, batchnorm, activation, node.name, tuple(acts), tuple(scaled))
 
 
 def _initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -99,14 +160,16 @@ def equalize_pair(model: onnx.ModelProto, pair: LinearPair, act_range: np.ndarra
     ``act_range``: per-channel range (max(hi, 0) - min(lo, 0)) of ``pair.tensor`` on calibration faces.
     """
     inits = _initializer_map(model)
-    first, second = _node(model, pair.first), _node(model, pair.second)
-    w1 = numpy_helper.to_array(inits[first.input[1]]).astype(np.float64)
+    firsts = [_node(model, n) for n in pair.firsts]
+    second = _node(model, pair.second)
+    w1s = [numpy_helper.to_array(inits[f.input[1]]).astype(np.float64) for f in firsts]
     w2 = numpy_helper.to_array(inits[second.input[1]]).astype(np.float64)
-    channels = w1.shape[0]
     groups = _group(second)
     per_group = w2.shape[1]
-    if per_group * groups != channels or act_range.shape[0] != channels:
-        raise UserError(f"cannot equalise {pair.first} -> {pair.second}: {channels} channels do not match {second.name}'s input")
+    channels = per_group * groups
+    if any(w1.shape[0] != channels for w1 in w1s) or act_range.shape[0] != channels:
+        found = "/".join(str(w1.shape[0]) for w1 in w1s)
+        raise UserError(f"cannot equalise {pair.label}: {found} channels do not match {second.name}'s input")
     # Range of each input channel of the second conv over every output channel and tap that reads it.
     r2 = np.zeros(channels)
     out_per_group = w2.shape[0] // groups
@@ -124,21 +187,23 @@ def equalize_pair(model: onnx.ModelProto, pair: LinearPair, act_range: np.ndarra
         s[ignored] = r1[ignored] / level
     s = s.astype(np.float32).astype(np.float64)  # representable scales keep the rescale exact to float rounding
 
-    shape1 = (-1,) + (1,) * (w1.ndim - 1)
-    _set(inits, first.input[1], w1 / s.reshape(shape1))
-    if len(first.input) > 2 and first.input[2]:
-        _set(inits, first.input[2], numpy_helper.to_array(inits[first.input[2]]) / s)
+    for act_name in (pair.activation, *pair.branch_activations):
+        if not act_name:
+            continue
+        act = _node(model, act_name)
+        if act.op_type == "PRelu":
+            slope = numpy_helper.to_array(inits[act.input[1]])
+            if slope.size not in (1, channels):
+                raise UserError(f"cannot equalise through {act.name}: PRelu slope of shape {slope.shape}")
+    for first, w1 in zip(firsts, w1s):
+        _set(inits, first.input[1], w1 / s.reshape((-1,) + (1,) * (w1.ndim - 1)))
+        if len(first.input) > 2 and first.input[2]:
+            _set(inits, first.input[2], numpy_helper.to_array(inits[first.input[2]]) / s)
     if pair.batchnorm:
         bn = _node(model, pair.batchnorm)
         # y = gamma (x - mean) / sqrt(var + eps) + beta: x / s and y / s need mean / s and beta / s.
         _set(inits, bn.input[2], numpy_helper.to_array(inits[bn.input[2]]) / s)
         _set(inits, bn.input[3], numpy_helper.to_array(inits[bn.input[3]]) / s)
-    if pair.activation:
-        act = _node(model, pair.activation)
-        if act.op_type == "PRelu":
-            slope = numpy_helper.to_array(inits[act.input[1]])
-            if slope.size not in (1, channels):
-                raise UserError(f"cannot equalise through {act.name}: PRelu slope of shape {slope.shape}")
     w2n = w2.copy()
     for c in range(channels):
         grp, k = divmod(c, per_group)
