@@ -218,6 +218,13 @@ class QuantizationSection(_Section):
         description="Activation range estimator: percentile (99.999%, both engines) ignores the rare outliers that stretch minmax ranges "
         "(MobileFaceNet, 200 LFW faces: INC 99.53, ort 99.47 vs 99.38-99.40 with minmax); entropy is onnxruntime's KL / INC's kl.",
     )
+    prelu: Literal["keep", "rewrite"] = Field(
+        "rewrite",
+        description="rewrite: PRelu nodes still in the model (convert.prelu: keep, or a model converted elsewhere) are expressed "
+        "in the int8 form of convert.prelu (1x1 depthwise convolutions, Relu and Add) before quantizing, checked on calibration "
+        "faces to compute the same embeddings, so no PRelu stays fp32 between Dequantize/QuantizeLinear; a PRelu named in "
+        "nodes_to_exclude (or PRelu in op_types_to_exclude) stays. keep: PRelu stays fp32.",
+    )
     op_types_to_quantize: list[str] | None = Field(None, description="Op types to quantize; null: the engine's default set.")
     op_types_to_exclude: list[str] = Field([], description="Op types left in fp32.")
     nodes_to_exclude: list[str] = Field([], description="Node names left in fp32.")

@@ -260,3 +260,98 @@ def test_real_prelu_network_activations_are_kept(form: str) -> None:
         assert worst == 0.0
     else:
         assert worst < 1e-5
+
+
+# --- quantize: PRelu still in the model is expressed in int8 ops before quantizing -----------------------
+
+
+@pytest.fixture(scope="module")
+def unrewritten(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A converted PRelu face model that kept its PRelu (convert.prelu: keep, or converted elsewhere), and pairs."""
+    from tests.synthdata import face_model, synthetic_bin
+
+    d = tmp_path_factory.mktemp("prelu-quantize")
+    model = d / "fp32.onnx"
+    face_model(model, size=(32, 32))
+    assert count_prelu(onnx.load(str(model))) > 1
+    return {"model": model, "bin": synthetic_bin(d / "pairs.bin", pairs=20, size=(32, 32))}
+
+
+def _quantize(material: dict[str, Path], out: Path, **overrides: object):
+    from pipeline.recipe import default_recipe, with_overrides
+    from pipeline.stages.quantize.stage import quantize
+
+    r = with_overrides(default_recipe(), {"model.input.size": [32, 32], "calibration.samples": 8, **overrides})
+    return quantize(material["model"], material["bin"], out, input_spec=r.model.input, calibration=r.calibration,
+                    quantization=r.quantization, recipe=r)
+
+
+def _op_types(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+@pytest.mark.parametrize("engine", ["inc", "ort"])
+def test_quantize_leaves_no_prelu_in_fp32(tmp_path: Path, unrewritten: dict[str, Path], engine: str) -> None:
+    prelus = count_prelu(onnx.load(str(unrewritten["model"])))
+    res = _quantize(unrewritten, tmp_path / "int8.onnx", **{"quantization.engine": engine})
+    assert "PRelu" not in _op_types(res.output) and "PRelu" not in res.op_counts.get("fp32", {})
+    assert res.op_counts["int8"].get("Conv", 0) > 0
+    assert res.prelu is not None and res.prelu["rewritten"] + res.prelu["leaky_relu"] == prelus
+    assert res.prelu["form"] == DEFAULT_FORM and res.prelu["worst_cosine"] >= 0.99999 and res.prelu["faces"] == 8
+    assert res.manifest_body()["prelu"] == res.prelu
+    assert res.summary()[0].startswith(f"PRelu: {prelus} PRelu -> {DEFAULT_FORM} form")
+    # The source file is untouched and nothing but the model is left beside it.
+    assert count_prelu(onnx.load(str(unrewritten["model"]))) == prelus
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx"]
+
+
+def test_quantize_keeps_prelu_when_the_recipe_says_so(tmp_path: Path, unrewritten: dict[str, Path]) -> None:
+    res = _quantize(unrewritten, tmp_path / "int8.onnx", **{"quantization.engine": "ort", "quantization.prelu": "keep"})
+    assert "PRelu" in _op_types(res.output) and res.prelu is None and res.manifest_body()["prelu"] is None
+    res = _quantize(unrewritten, tmp_path / "int8-b.onnx", **{"quantization.engine": "ort", "quantization.op_types_to_exclude": ["PRelu"]})
+    assert "PRelu" in _op_types(res.output) and res.prelu is None
+
+
+def test_a_prelu_named_in_the_exclusions_stays(tmp_path: Path, unrewritten: dict[str, Path]) -> None:
+    names = [n.name for n in onnx.load(str(unrewritten["model"])).graph.node if n.op_type == "PRelu"]
+    res = _quantize(unrewritten, tmp_path / "int8.onnx", **{"quantization.engine": "ort", "quantization.nodes_to_exclude": [names[0]]})
+    kept = [n.name for n in onnx.load(str(res.output)).graph.node if n.op_type == "PRelu"]
+    assert kept == [names[0]]
+    assert res.prelu["kept"] == {names[0]: "excluded by name"}
+    assert res.prelu["rewritten"] + res.prelu["leaky_relu"] == len(names) - 1
+
+
+def test_cli_quantize_prints_the_rewrite_and_a_wrong_rewrite_stops_with_exit_2(tmp_path: Path, unrewritten: dict[str, Path], monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli.app import app
+    from pipeline.stages.quantize import stage
+
+    import json
+
+    from pipeline.recipe import default_recipe, with_overrides
+
+    recipe = tmp_path / "r.yaml"
+    r = with_overrides(default_recipe(), {"model.input.size": [32, 32], "calibration.samples": 8, "quantization.engine": "ort"})
+    recipe.write_text(json.dumps(r.resolved()))
+    args = ["quantize", "--recipe", str(recipe), "--model", str(unrewritten["model"]), "--calib", str(unrewritten["bin"])]
+    ok = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a" / "int8.onnx")])
+    assert ok.exit_code == 0, ok.output
+    assert f"PRelu: {count_prelu(onnx.load(str(unrewritten['model'])))} PRelu -> {DEFAULT_FORM} form" in ok.output
+    kept = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b" / "int8.onnx"), "--prelu", "keep"])
+    assert kept.exit_code == 0 and "PRelu:" not in kept.output and "PRelu" in _op_types(tmp_path / "b" / "int8.onnx")
+
+    real = stage.rewrite_prelu
+
+    def wrong(model: onnx.ModelProto, form: str, **kw):  # a rewrite that does not compute PRelu
+        done = real(model, form, **kw)
+        for t in model.graph.initializer:
+            if t.name.endswith("_lin_w"):
+                t.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(t), t.name))
+        return done
+
+    monkeypatch.setattr(stage, "rewrite_prelu", wrong)
+    bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c" / "int8.onnx")])
+    assert bad.exit_code == 2 and "the PRelu rewrite changed the embeddings" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+    assert CliRunner().invoke(app, [*args, "--out", str(tmp_path / "d" / "int8.onnx"), "--prelu", "fast"]).exit_code == 2

@@ -38,7 +38,8 @@ def material(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _recipe(**overrides: object) -> Recipe:
-    base = {"model.input.size": SIZE, "calibration.samples": 8}
+    # The engines on the graph as given: PRelu's rewrite before quantizing is tested in test_prelu.py.
+    base = {"model.input.size": SIZE, "calibration.samples": 8, "quantization.prelu": "keep"}
     base.update(overrides)
     return with_overrides(default_recipe(), base)
 
@@ -122,7 +123,8 @@ print(res.int8_sha256)
 
 @pytest.mark.parametrize("engine", ["inc", "ort"])
 def test_same_inputs_and_recipe_give_the_same_int8_bytes(material: dict[str, Path], tmp_path: Path, engine: str) -> None:
-    r = _recipe(**{"quantization.engine": engine})
+    # The default recipe, PRelu rewrite included, as the subprocess below runs it.
+    r = _recipe(**{"quantization.engine": engine, "quantization.prelu": "rewrite"})
     a = _run(material, tmp_path / "a" / "int8.onnx", r)
     b = _run(material, tmp_path / "b" / "int8.onnx", r)
     assert a.int8_sha256 == b.int8_sha256 == sha256_file(a.output) == sha256_file(b.output)
@@ -134,7 +136,7 @@ def test_same_inputs_and_recipe_give_the_same_int8_bytes(material: dict[str, Pat
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == a.int8_sha256
-    c = _run(material, tmp_path / "d" / "int8.onnx", _recipe(**{"quantization.engine": engine, "calibration.seed": 1}))
+    c = _run(material, tmp_path / "d" / "int8.onnx", _recipe(**{"quantization.engine": engine, "quantization.prelu": "rewrite", "calibration.seed": 1}))
     assert c.calibration["indices_sha256"] != a.calibration["indices_sha256"]
 
 
@@ -142,7 +144,7 @@ def test_same_inputs_and_recipe_give_the_same_int8_bytes(material: dict[str, Pat
 
 MANIFEST_KEYS = {
     "schema", "stage", "engine", "format", "weights", "files", "calibration", "recipe", "recipe_sha256",
-    "op_counts", "tuning", "warnings", "environment", "timing", "created",
+    "op_counts", "prelu", "tuning", "warnings", "environment", "timing", "created",
 }
 
 
@@ -297,7 +299,7 @@ def _recipe_file(tmp_path: Path, extra: str = "") -> Path:
     p = tmp_path / "r.yaml"
     p.write_text(
         "name: synth\nmodel:\n  urls: [model.onnx]\n  input: {size: [32, 32]}\n"
-        "calibration: {samples: 8, seed: 0}\n" + extra
+        "calibration: {samples: 8, seed: 0}\n" + (extra or "quantization: {prelu: keep}\n")
     )
     return p
 

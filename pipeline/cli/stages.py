@@ -138,6 +138,10 @@ def quantize(
         Optional[bool],
         typer.Option("--placement/--no-placement", help="Time int8 variants with node groups in fp32 and keep the fastest within the accuracy target [recipe quantization.placement.enabled]."),
     ] = None,
+    prelu: Annotated[
+        Optional[str],
+        typer.Option(help="rewrite: PRelu left in the model is expressed in int8-kernel ops first (checked on calibration faces); keep: it stays fp32 [recipe quantization.prelu, default rewrite]."),
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -157,16 +161,14 @@ def quantize(
             "calibration.seed": seed,
             "quantization.recovery.enabled": recover,
             "quantization.placement.enabled": placement,
+            "quantization.prelu": prelu,
         },
     )
     res = build_int8(
         model, calib, out, input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r, progress=progress_bars(quiet)
     )
     lines = [f"wrote {res.output} ({res.engine}, {res.format}) in {res.seconds:.1f} s, peak {res.peak_rss_mb:.0f} MB"]
-    for kind in ("int8", "fp32"):
-        counts = res.op_counts.get(kind, {})
-        if counts:
-            lines.append(f"{kind}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    lines += res.summary()
     if res.weights.get("reduce_range"):
         dw = res.weights.get("depthwise_8bit", 0)
         lines.append("weights: 7-bit (reduce_range)" + (f", 8-bit in {dw} depthwise conv(s)" if dw else ""))

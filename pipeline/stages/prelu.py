@@ -42,16 +42,23 @@ they are and are named in the report.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Collection
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from pipeline.core.errors import UserError
+from pipeline.eval.protocol import cosine_rows
+from pipeline.runtime.session import OnnxModel
 
 FORMS = ("dwconv-pair", "fold-pair", "dwconv-min", "mul-pair")
 # The form convert writes, so quantize sees it too: as fast as dwconv-pair in fp32 and in int8 (the fastest
 # fp32 forms measured; dwconv-min is slower), quantizable whole, and one requantization fewer where a
 # depthwise Conv feeds the PRelu (`python benchmarks/models.py --models prelu512` measures it).
 DEFAULT_FORM = "fold-pair"
+# Same bar as convert's equivalence gate (convert.min_cosine's default).
+MIN_COSINE = 0.99999
 INT8_FORMS = ("dwconv-pair", "fold-pair", "mul-pair")  # every Relu reads a tensor nothing else reads
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -239,11 +246,13 @@ def _foldable_producers(model: onnx.ModelProto, inits: dict[str, onnx.TensorProt
     return out
 
 
-def rewrite_prelu(model: onnx.ModelProto, form: str = DEFAULT_FORM, *, leaky: bool = True) -> PreluRewrite:
+def rewrite_prelu(
+    model: onnx.ModelProto, form: str = DEFAULT_FORM, *, leaky: bool = True, exclude: Collection[str] = ()
+) -> PreluRewrite:
     """Replace the model's PRelu nodes in place by ``form`` (see the module text); returns what changed.
 
     ``leaky``: a node whose slopes are all equal becomes LeakyRelu (exact)
-    instead of ``form``.
+    instead of ``form``. ``exclude``: PRelu node names to leave as they are.
     """
     if form not in FORMS:
         raise ValueError(f"unknown PRelu form {form!r}; known: {', '.join(FORMS)}")
@@ -255,6 +264,7 @@ def rewrite_prelu(model: onnx.ModelProto, form: str = DEFAULT_FORM, *, leaky: bo
     ranks = _ranks(model)
     b = _Builder(model)
     folds = _foldable_producers(model, inits) if form == "fold-pair" else {}
+    folds = {k: v for k, v in folds.items() if k not in exclude}
     held = {id(p) for p in folds.values()}  # emitted where their PRelu is (scaled, twice) or put back there
     min_needs_broadcast = form == "dwconv-min" and _opset(model) < 8
     new_nodes: list[onnx.NodeProto] = []
@@ -274,6 +284,9 @@ def rewrite_prelu(model: onnx.ModelProto, form: str = DEFAULT_FORM, *, leaky: bo
             new_nodes.append(node)
             report.kept[label] = why
 
+        if label in exclude:
+            keep("excluded by name")
+            continue
         if len(node.input) < 2 or node.input[1] not in inits:
             keep("slope is not a constant")
             continue
@@ -333,10 +346,26 @@ def rewrite_prelu(model: onnx.ModelProto, form: str = DEFAULT_FORM, *, leaky: bo
     return report
 
 
-def quantizable(model: onnx.ModelProto) -> PreluRewrite:
-    """Express the model's PRelu nodes in the int8 form (in place), for a quantizer to see.
+def check_same_embeddings(
+    reference: onnx.ModelProto | bytes, rewritten: onnx.ModelProto | bytes, images: np.ndarray, *,
+    input_name: str, output_name: str | None = None, min_cosine: float = MIN_COSINE,
+) -> float:
+    """Run both models one image at a time; the worst embedding cosine, or a UserError below ``min_cosine``.
 
-    For models that reach quantization with PRelu still in them (convert with
-    ``convert.prelu: keep``, or a model converted elsewhere).
+    One image at a time, so a model with a fixed batch of 1 runs as it is.
     """
-    return rewrite_prelu(model, DEFAULT_FORM)
+    def embed(model: onnx.ModelProto | bytes, what: str) -> np.ndarray:
+        m = OnnxModel(model, input_name=input_name, output_name=output_name, what=what)
+        return np.concatenate([m.run(images[i : i + 1]) for i in range(len(images))]).reshape(len(images), -1)
+
+    want = embed(reference, "fp32 model")
+    got = embed(rewritten, "fp32 model with PRelu rewritten")
+    cos = cosine_rows(want, got)
+    worst = float(np.min(cos)) if cos.size and not np.isnan(cos).any() else float("nan")
+    if not worst >= min_cosine:
+        raise UserError(
+            f"the PRelu rewrite changed the embeddings: worst cosine {worst:.7f} < {min_cosine} over {len(images)} "
+            "calibration faces; nothing was written",
+            hint="set quantization.prelu: keep in the recipe (or pass --prelu keep) to quantize PRelu as it is",
+        )
+    return worst

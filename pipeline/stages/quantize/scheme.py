@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from pipeline.stages.prelu import DEFAULT_FORM as PRELU_INT8_FORM
+
 if TYPE_CHECKING:
     from pipeline.recipe import QuantizationSection
 
@@ -42,6 +44,8 @@ class QuantScheme:
     the quantize stage does not use). ``calibration``: the activation range
     estimator as simulated (entropy is simulated as minmax). ``calibration_method``:
     the recipe's estimator as the engines run it (minmax, entropy, percentile).
+    ``prelu_form``: the form PRelu nodes are rewritten into before quantizing
+    (:mod:`~pipeline.stages.prelu`), or None when they stay fp32 PRelu.
     """
 
     engine: str
@@ -53,6 +57,7 @@ class QuantScheme:
     depthwise_half_levels: int | None = None
     calibration: str = "minmax"
     calibration_method: str = "minmax"
+    prelu_form: str | None = None
 
     @classmethod
     def from_section(cls, q: "QuantizationSection") -> "QuantScheme":
@@ -65,7 +70,7 @@ class QuantScheme:
         # reduce_range narrows the weights only, for both engines: activations keep 255 levels.
         return cls(
             q.engine, 255, half, effective_per_channel(q), overflow, depthwise_half_levels=depthwise, calibration=calib,
-            calibration_method=q.calibration_method,
+            calibration_method=q.calibration_method, prelu_form=PRELU_INT8_FORM if q.prelu == "rewrite" else None,
         )
 
     def weight_levels(self, depthwise: bool) -> int:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+import onnx
 
 from pipeline.core.environment import PeakMemory, environment
 from pipeline.core.errors import UserError
@@ -47,6 +48,8 @@ from pipeline.core.progress import NULL_PROGRESS, Progress
 from pipeline.data.bins import VerificationBin, open_images
 from pipeline.data.calibration import CalibrationData
 from pipeline.runtime.session import session
+from pipeline.data.preprocess import preprocess
+from pipeline.stages.prelu import PreluRewrite, check_same_embeddings, count_prelu, rewrite_prelu
 from pipeline.stages.quantize import inc, ort
 from pipeline.stages.quantize.checks import ModelFacts, check_exclusions, check_format, check_model, load_model
 from pipeline.stages.quantize.depthwise import merge_depthwise_weights
@@ -61,6 +64,8 @@ if TYPE_CHECKING:
 MANIFEST_SCHEMA = "qpipe.quantize-manifest/1"
 
 ENGINES: dict[str, Engine] = {"inc": inc.ENGINE, "ort": ort.ENGINE}
+# Calibration faces run through the model before and after its PRelu rewrite (convert's gate runs 8 too).
+PRELU_CHECK_FACES = 8
 
 
 @dataclass
@@ -83,6 +88,8 @@ class QuantizeResult:
     int8_sha256: str = ""
     tuning: dict[str, Any] | None = None
     weights: dict[str, Any] = field(default_factory=dict)  # reduce_range and how many depthwise convs kept 8-bit weights
+    # Set when PRelu nodes were rewritten into the int8 form before quantizing: what changed and the check it passed.
+    prelu: dict[str, Any] | None = None
     # Set when accuracy recovery ran: what it repaired, kept in fp32, measured.
     recovery: dict[str, Any] | None = None
     # Set when speed-aware placement ran: the candidates it timed and where each node ended up.
@@ -95,7 +102,7 @@ class QuantizeResult:
 
         Keys: schema, stage, engine, format, weights, files (source, converted, int8,
         calibration with sha256), calibration (with the indices), recipe, recipe_sha256,
-        op_counts, tuning, warnings, environment, timing, created.
+        op_counts, prelu (the PRelu rewrite before quantizing, or None), tuning, warnings, environment, timing, created.
         """
         return copy.deepcopy(self.record)
 
@@ -107,6 +114,8 @@ class QuantizeResult:
 
     def summary(self) -> list[str]:
         lines = []
+        if self.prelu:
+            lines.append(f"PRelu: {self.prelu['summary']} (worst cosine {self.prelu['worst_cosine']:.7f} over {self.prelu['faces']} faces)")
         for kind in ("int8", "fp32"):
             counts = self.op_counts.get(kind, {})
             if counts:
@@ -164,12 +173,21 @@ def quantize(
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         proto = load_model(model_path, "fp32 model")
+        original = proto.SerializeToString() if scheme.prelu_form and count_prelu(proto) else None
+        prelu = _express_prelu(proto, model_path, scheme, q) if original is not None else None
         facts = check_model(proto, model_path, input_spec, calibration)
+        rewritten = proto.SerializeToString() if prelu is not None else None
         del proto
         warnings = check_exclusions(facts, model_path, q)
 
         source = open_images(calib)
         data = CalibrationData.from_section(source, input_spec, calibration, facts.input_name)
+        prelu_record: dict[str, Any] | None = None
+        if prelu is not None and rewritten is not None and original is not None:
+            faces = preprocess(source.decode_many(data.indices[:PRELU_CHECK_FACES]), input_spec)
+            worst = check_same_embeddings(original, rewritten, faces, input_name=facts.input_name, output_name=facts.output_name)
+            prelu_record = {**prelu.to_dict(), "summary": prelu.summary(), "worst_cosine": worst, "faces": len(faces)}
+        del original
         # Decode the chosen images up front: a corrupt one is then our one-line error naming its
         # index, not an exception inside the engine (INC prints its own traceback for those).
         for start in range(0, len(data.indices), 64):
@@ -192,23 +210,29 @@ def quantize(
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".qpipe-quantize-", dir=out.parent))
         common: dict[str, Any] = {"work": work, "progress": progress, "eval_bin": eval_bin, "spec": input_spec}
+        engine_input = model_path
         main = scheme.uniform(scheme.weight_levels(depthwise=False))
         weights: dict[str, Any] = {"reduce_range": main.engine_reduce_range, "depthwise_8bit": 0}
         try:
+            if rewritten is not None:
+                # The engines read a file: the rewritten graph goes to the scratch directory, removed afterwards.
+                engine_input = work / "fp32-prelu-int8-form.onnx"
+                engine_input.write_bytes(rewritten)
+                del rewritten
             if split:
                 # The 8-bit run only donates depthwise weights: no tuning there.
                 q_donor = q.model_copy(update={"tuning": q.tuning.model_copy(update={"enabled": False})})
                 donor = scheme.uniform(scheme.weight_levels(depthwise=True))
                 with engine.shared_calibration():
-                    full = engine.quantize(model_path, facts, data, q_donor, donor, label=", 8-bit weights", **common)
-                    run = engine.quantize(model_path, facts, data, q, main, label=", 7-bit weights", **common)
+                    full = engine.quantize(engine_input, facts, data, q_donor, donor, label=", 8-bit weights", **common)
+                    run = engine.quantize(engine_input, facts, data, q, main, label=", 7-bit weights", **common)
                 weights["depthwise_8bit"] = merge_depthwise_weights(run.model, full.model)
                 warnings += [w for w in full.warnings if w not in run.warnings]
                 del full
                 if weights["depthwise_8bit"] == 0:
                     warnings.append("depthwise convolutions could not be given 8-bit weights; all weights are 7-bit")
             else:
-                run = engine.quantize(model_path, facts, data, q, main, **common)
+                run = engine.quantize(engine_input, facts, data, q, main, **common)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         warnings += run.warnings
@@ -251,6 +275,7 @@ def quantize(
         "recipe": settings,
         "recipe_sha256": settings_sha,
         "op_counts": op_counts,
+        "prelu": prelu_record,
         "tuning": run.tuning,
         "warnings": warnings,
         "environment": environment(),
@@ -276,8 +301,26 @@ def quantize(
         int8_sha256=int8_sha,
         tuning=run.tuning,
         weights=weights,
+        prelu=prelu_record,
         record=record,
     )
+
+
+def _express_prelu(model: "onnx.ModelProto", path: Path, scheme: QuantScheme, q: "QuantizationSection") -> PreluRewrite | None:
+    """Rewrite the PRelu nodes of ``model`` in place into the scheme's int8 form; None when nothing changed.
+
+    A PRelu the recipe keeps in fp32 (by name, or PRelu among the excluded op
+    types) stays as it is. Weights stored outside the model file are read in
+    first: the rewritten copy is written elsewhere.
+    """
+    if "PRelu" in q.op_types_to_exclude or scheme.prelu_form is None:
+        return None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(path.parent))
+    done = rewrite_prelu(model, scheme.prelu_form, exclude=set(q.nodes_to_exclude))
+    return done if done.changed else None
 
 
 def _file_entry(path: Path | None, sha: str | None = None) -> dict[str, Any] | None:
