@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -193,46 +192,22 @@ class Timing:
 
 
 def interleaved(paths: dict[str, Path], x: np.ndarray, *, rounds: int, runs: int, warmup: int, threads: int) -> Timing:
-    """Time every model at batch 1 in one process, round by round.
+    """Time every model at batch 1 in one process, in the same rounds.
 
-    Each round runs ``runs`` inferences of every model (its figure is their
-    median); the starting model rotates from round to round, so a slow phase of
-    the machine lands on all models in turn. Sessions come from
-    pipeline.runtime.session.OnnxModel (no spinning threads, sequential execution), the
-    same sessions verification uses. pipeline.eval.speed.benchmark does this for one
-    pair; here fp32 is shared by all variants so they are compared under the
-    same load.
+    The loop is the package's own (pipeline.eval.speed.interleaved_rounds, also
+    behind ``qpipe verify`` and placement): each round runs ``runs`` inferences of
+    every model back to back (its figure is their median), the order reversing
+    from round to round. Sessions come from pipeline.eval.speed.open_for_latency
+    (no spinning threads, sequential execution), the sessions verification uses;
+    here fp32 is shared by all variants so they are compared under the same load.
     """
-    import gc
+    from pipeline.eval.speed import interleaved_rounds, open_for_latency
 
-    from pipeline.runtime.session import OnnxModel
-
-    models = {n: OnnxModel(p, threads=threads) for n, p in paths.items()}
-    names = list(models)
+    models = open_for_latency(paths, threads=threads, input_name=None, output_name=None)
     one = np.ascontiguousarray(x[:1], dtype=np.float32)
-    t = Timing({n: [] for n in names}, {n: [] for n in names})
-    for i in range(warmup):
-        for n in names:
-            models[n](one)
-    t.load_before = load_avg()
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            k = r % len(names)
-            for n in names[k:] + names[:k]:
-                m = models[n]
-                s = []
-                for _ in range(runs):
-                    t0 = time.perf_counter()
-                    m(one)
-                    s.append((time.perf_counter() - t0) * 1000.0)
-                t.samples_ms[n].extend(s)
-                t.rounds_ms[n].append(statistics.median(s))
-    finally:
-        gc.enable()
-    t.load_after = load_avg()
-    return t
+    load_before = load_avg()
+    r = interleaved_rounds(models, one, warmup=warmup, rounds=rounds, runs_per_round=runs)
+    return Timing(r.rounds_ms, r.samples_ms, load_before, load_avg())
 
 
 def faces(n: int = 16) -> np.ndarray:
