@@ -177,7 +177,7 @@ class PlacementSection(_Section):
         "fp32 islands left between them go fp32 too.",
     )
     rounds: int = Field(
-        40, description="Interleaved timing rounds (fp32 and every candidate each round, order rotating): about 10 s for four MobileFaceNets."
+        40, description="Interleaved timing rounds (fp32 and every candidate each round, the order reversing every round): about 10 s for four MobileFaceNets."
     )
     runs_per_round: int = Field(5, description="Timed batch-1 runs per model per round; the round's figure is their median.")
     warmup: int = Field(5, description="Untimed runs per model before timing.")
@@ -250,6 +250,13 @@ class VerifySection(_Section):
 class GateSection(_Section):
     max_accuracy_drop: float = Field(0.1, description="Largest allowed fp32 - int8 LFW accuracy drop, in percentage points.")
     min_speedup: float = Field(1.0, description="Smallest allowed median int8 speedup over fp32 at batch 1 (on every CPU when min_speedup_by_class is null).")
+    min_speedup_fastest_fp32: float | None = Field(
+        None,
+        description="When verify also times the user's model as given (--baseline; qpipe run does when convert rewrote the graph): "
+        "the smallest allowed median int8 speedup over the fastest fp32 qpipe makes of it. null: the speed threshold that applies "
+        "(min_speedup or the CPU class's), at most 1.0, so an int8 slower than the fp32 the build could ship instead fails wherever "
+        "speed is gated at 1.0 or more; 0 switches the check off.",
+    )
     min_speedup_by_class: dict[str, float] | None = Field(
         None,
         description="min_speedup per ISA class of the measuring CPU (amx, avx512_vnni, avx_vnni, avx2): the most capable named class "

@@ -261,6 +261,32 @@ def test_verify_gate_reads_the_speedup_over_the_model_as_given(data, tmp_path, i
     assert "speedup over fp32 2.00x" in r.output
 
 
+def test_int8_slower_than_the_fastest_fp32_fails_the_gate_though_faster_than_the_model_as_given(data, tmp_path, injected_timing, monkeypatch):
+    monkeypatch.setitem(LATENCY_MS, "int8", 3.0)  # as given 4 ms, fp32 (rewritten) 2 ms: int8 1.33x over given, 0.67x over fp32
+    recipe, fp32, int8, given = _models(data, tmp_path)
+    common = ["verify", "--recipe", str(recipe), "--fp32", str(fp32), "--int8", str(int8), "--data", str(data["bin"]),
+              "--cache-dir", str(tmp_path / "cache"), "--max-accuracy-drop", "100", "--baseline", str(given), "-q"]
+    r = CliRunner().invoke(app, [*common, "--report", str(tmp_path / "rep")])
+    assert r.exit_code == 1, r.output
+    assert "int8 is slower than the fastest fp32 (the --fp32 model): 0.67x" in r.output
+    gate = json.loads((tmp_path / "rep" / "report.json").read_text())["gate"]
+    checks = {c["over"]: c for c in gate["checks"] if c["check"] == "speedup"}
+    assert checks["the user's model"]["passed"] and not checks["the fastest fp32"]["passed"]
+    assert checks["the fastest fp32"]["limit"] == 1.0 and checks["the fastest fp32"]["speedup"] == pytest.approx(2 / 3)
+    assert "| speedup over the fastest fp32 | 0.67x | >= 1.00x | FAIL |" in (tmp_path / "rep" / "report.md").read_text()
+    # Switched off in the recipe (0), or with speed not gated at all, only the speedup over the model as given counts.
+    text = recipe.read_text()
+    recipe.write_text(text + "gate: {min_speedup_fastest_fp32: 0}\n")
+    assert CliRunner().invoke(app, common).exit_code == 0
+    recipe.write_text(text + "gate: {min_speedup: 0.5}\n")  # the floor follows the threshold below 1.0
+    assert CliRunner().invoke(app, common).exit_code == 0
+    recipe.write_text(text + "gate: {min_speedup_fastest_fp32: 0.6}\n")
+    assert CliRunner().invoke(app, common).exit_code == 0
+    recipe.write_text(text + "gate: {min_speedup_fastest_fp32: 0.7}\n")
+    r = CliRunner().invoke(app, common)
+    assert r.exit_code == 1 and "below gate.min_speedup_fastest_fp32 0.70x" in r.output
+
+
 # --- qpipe run keeps the model as given when the rewrite changed the graph ---------------------------
 
 RECIPE = """\

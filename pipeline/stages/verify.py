@@ -6,7 +6,10 @@ For each ``.bin`` both models embed every image (and its horizontal flip),
 another file, the baseline: the user's model as given). The gate passes when,
 for every data set, ``int8 accuracy >= fp32 accuracy - gate.max_accuracy_drop``
 and the median speedup over the baseline is at least ``gate.min_speedup``; the
-speedup over the fp32 model (the fastest fp32 qpipe makes) is reported beside it.
+speedup over the fp32 model (the fastest fp32 qpipe makes) is reported beside it
+and, when a baseline is timed, must reach ``gate.min_speedup_fastest_fp32``
+(by default the applied speed threshold, at most 1.0): an int8 slower than the
+fp32 the build could ship instead does not pass.
 
 Embedding is :mod:`pipeline.eval.embeddings` (batched as the model allows; the
 fp32 side cached in ``cache_dir``, so a second int8 candidate only pays for its
@@ -221,12 +224,27 @@ def _gate(datasets: list[DatasetResult], speed: SpeedResult, gate: GateSection) 
             f"speedup over {over} {s:.2f}x (IQR {q25:.2f}-{q75:.2f}, {speed.rounds} rounds, {speed.threads} threads) is below the required "
             f"{gate.min_speedup:.2f}x (short by {gate.min_speedup - s:.2f}x)" + ("; note: " + speed.note if speed.note else "")
         )
+    floor = gate.min_speedup_fastest_fp32 if gate.min_speedup_fastest_fp32 is not None else min(1.0, gate.min_speedup)
+    if speed.baseline is not None and floor > 0:
+        # Faster than the model as given is not enough when qpipe's own fp32 of it is faster still.
+        sf = speed.speedup_fastest_fp32
+        ok = math.isfinite(sf) and sf >= floor - GATE_EPS
+        checks.append(
+            {"check": "speedup", "over": "the fastest fp32", "speedup": sf, "iqr": list(speed.speedup_fastest_fp32_iqr), "limit": floor, "passed": ok}
+        )
+        if not ok:
+            q25, q75 = speed.speedup_fastest_fp32_iqr
+            reasons.append(
+                f"int8 is slower than the fastest fp32 (the --fp32 model): {sf:.2f}x (IQR {q25:.2f}-{q75:.2f}) is below "
+                f"gate.min_speedup_fastest_fp32 {floor:.2f}x; that fp32 model is the faster one to ship on this CPU"
+            )
     return {
         "passed": not reasons,
         "reasons": reasons,
         "checks": checks,
         "max_accuracy_drop": gate.max_accuracy_drop,
         "min_speedup": gate.min_speedup,
+        "min_speedup_fastest_fp32": floor if speed.baseline is not None and floor > 0 else None,
     }
 
 
