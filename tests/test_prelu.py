@@ -355,3 +355,23 @@ def test_cli_quantize_prints_the_rewrite_and_a_wrong_rewrite_stops_with_exit_2(t
     assert bad.exit_code == 2 and "the PRelu rewrite changed the embeddings" in bad.output and "Traceback" not in bad.output
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
     assert CliRunner().invoke(app, [*args, "--out", str(tmp_path / "d" / "int8.onnx"), "--prelu", "fast"]).exit_code == 2
+
+
+def test_an_excluded_conv_feeding_a_prelu_is_not_folded_away(tmp_path: Path) -> None:
+    from pipeline.recipe import default_recipe, with_overrides
+    from pipeline.stages.quantize.stage import quantize
+    from tests.synthdata import synthetic_bin
+
+    model = tmp_path / "net.onnx"
+    onnx.save(prelu_network(), str(model))
+    m = prelu_network()
+    assert rewrite_prelu(m).folded == ["prelu2"]  # dw2 folds into prelu2's branches unless excluded
+    m = prelu_network()
+    assert rewrite_prelu(m, exclude={"dw2"}).folded == [] and "dw2" in {n.name for n in m.graph.node}
+    r = with_overrides(default_recipe(), {"model.input.size": [12, 12], "calibration.samples": 8, "quantization.engine": "ort",
+                                          "quantization.nodes_to_exclude": ["dw2"]})
+    res = quantize(model, synthetic_bin(tmp_path / "p.bin", pairs=8, size=(12, 12)), tmp_path / "q" / "int8.onnx",
+                   input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r)
+    q = onnx.load(str(res.output))
+    assert [n.op_type for n in q.graph.node if n.name == "dw2"] == ["Conv"]  # kept, in fp32
+    assert "PRelu" not in {n.op_type for n in q.graph.node} and res.prelu["folded"] == 0 and res.prelu["rewritten"] == 3

@@ -252,7 +252,8 @@ def rewrite_prelu(
     """Replace the model's PRelu nodes in place by ``form`` (see the module text); returns what changed.
 
     ``leaky``: a node whose slopes are all equal becomes LeakyRelu (exact)
-    instead of ``form``. ``exclude``: PRelu node names to leave as they are.
+    instead of ``form``. ``exclude``: node names to leave as they are: a PRelu
+    named there stays, a Conv named there is not folded into its PRelu.
     """
     if form not in FORMS:
         raise ValueError(f"unknown PRelu form {form!r}; known: {', '.join(FORMS)}")
@@ -264,7 +265,8 @@ def rewrite_prelu(
     ranks = _ranks(model)
     b = _Builder(model)
     folds = _foldable_producers(model, inits) if form == "fold-pair" else {}
-    folds = {k: v for k, v in folds.items() if k not in exclude}
+    # An excluded producer keeps its name (an exclusion list names it), so it is not folded away.
+    folds = {k: v for k, v in folds.items() if k not in exclude and v.name not in exclude}
     held = {id(p) for p in folds.values()}  # emitted where their PRelu is (scaled, twice) or put back there
     min_needs_broadcast = form == "dwconv-min" and _opset(model) < 8
     new_nodes: list[onnx.NodeProto] = []
