@@ -9,7 +9,9 @@ kernel times of the profiled runs are summed by op type (after onnxruntime's
 graph optimisations, so the names are the kernels that actually ran, e.g.
 ``QLinearConv`` or the NCHWc ``Conv``) and divided by the run count. The
 models are profiled one after the other, alternating, ``--repeats`` times, and
-the per-op figure is the median over repeats.
+the per-op figure is the median over repeats. ``--conv-kinds`` splits the
+convolutions into pointwise, depthwise and full ones by kernel size (read from
+the optimised graph onnxruntime runs).
 
 The input is a real LFW face preprocessed as the model expects (``--recipe``
 takes ``model.input`` from a recipe; ``--mean``/``--std`` switch to mean/std
@@ -65,7 +67,31 @@ def input_spec(recipe: Path | None, mean: list[float] | None, std: list[float] |
     return InputSpec.model_validate({**spec.model_dump(), **changes}) if changes else spec
 
 
-def profile_once(path: Path, x: np.ndarray, *, runs: int, warmup: int, threads: int, tmp: str) -> dict[str, float]:
+def conv_kinds(optimized: Path) -> dict[str, str]:
+    """Node name -> "<op> pointwise" / "<op> depthwise KxK" / "<op> full KxK" for the convolutions of an optimised graph."""
+    import onnx
+
+    m = onnx.load(str(optimized))
+    inits = {t.name: t for t in m.graph.initializer}
+    out: dict[str, str] = {}
+    for n in m.graph.node:
+        if n.op_type not in ("Conv", "FusedConv", "QLinearConv"):
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        group = attrs["group"].i if "group" in attrs else 1
+        if "kernel_shape" in attrs:
+            k = tuple(attrs["kernel_shape"].ints)
+        else:
+            w = inits.get(n.input[3] if n.op_type == "QLinearConv" else n.input[1])
+            k = tuple(w.dims[2:]) if w is not None else ()
+        size = "x".join(str(v) for v in k) or "?"
+        op = "QLinearConv" if n.op_type == "QLinearConv" else "Conv"
+        out[n.name] = f"{op} depthwise {size}" if group > 1 else (f"{op} pointwise" if k == (1, 1) else f"{op} full {size}")
+    return out
+
+
+def profile_once(path: Path, x: np.ndarray, *, runs: int, warmup: int, threads: int, tmp: str, by_kind: bool = False) -> dict[str, float]:
+    """Kernel ms per run by op type (``by_kind``: convolutions split into pointwise, depthwise and full, by kernel size)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -76,7 +102,11 @@ def profile_once(path: Path, x: np.ndarray, *, runs: int, warmup: int, threads: 
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(tmp, path.stem)
+    optimized = Path(tmp) / f"{path.stem}-optimized.onnx"
+    if by_kind:  # the graph as it runs (NCHWc and fused nodes), whose node names the profile uses
+        so.optimized_model_filepath = str(optimized)
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    kinds = conv_kinds(optimized) if by_kind else {}
     name = sess.get_inputs()[0].name
     one = x[:1]
     for _ in range(warmup):
@@ -93,6 +123,7 @@ def profile_once(path: Path, x: np.ndarray, *, runs: int, warmup: int, threads: 
     for e in trace:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= lo:
             op = e.get("args", {}).get("op_name", "?")
+            op = kinds.get(e["name"][: -len("_kernel_time")], op)
             out[op] += e["dur"] / 1000.0 / runs
             total += e["dur"] / 1000.0 / runs
     out["(model_run wall)"] = float(np.mean([e["dur"] for e in keep])) / 1000.0
@@ -113,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--std", type=float, nargs="+", default=None, help="mean/std scaling: std (one value or three)")
     ap.add_argument("--bgr", action="store_true", help="the model takes BGR")
     ap.add_argument("--face", type=int, default=0, help="index of the LFW image fed to the models")
+    ap.add_argument("--conv-kinds", action="store_true", help="split Conv/QLinearConv into pointwise, depthwise and full, by kernel size")
     a = ap.parse_args(argv)
     for v in (a.mean, a.std):
         if v is not None and len(v) not in (1, 3):
@@ -127,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         for r in range(a.repeats):
             order = a.models if r % 2 == 0 else a.models[::-1]
             for p in order:
-                per[str(p)].append(profile_once(p, x, runs=a.runs, warmup=a.warmup, threads=threads, tmp=tmp))
+                per[str(p)].append(profile_once(p, x, runs=a.runs, warmup=a.warmup, threads=threads, tmp=tmp, by_kind=a.conv_kinds))
     med: dict[str, dict[str, float]] = {}
     for p, reps in per.items():
         ops = set().union(*reps)

@@ -81,3 +81,7 @@ def test_profile_sums_kernel_time_by_op_type(tmp_path, calib, capsys):
     assert ops["(sum of kernels)"] > 0
     assert any(k in ops for k in ("Conv", "FusedConv"))
     assert "op type" in capsys.readouterr().out
+    # Split by kind, the convolutions are named by kernel and the total stays the same model's.
+    kinds = profile_ops.main([str(fp32), "--runs", "2", "--repeats", "1", "--warmup", "1", "--conv-kinds"])[str(fp32)]
+    assert "Conv full 3x3" in kinds and not {"Conv", "FusedConv"} & set(kinds)
+    assert kinds["(sum of kernels)"] > 0
