@@ -107,17 +107,18 @@ def _child_quantize(v: Variant, src: str, out: str, calib: str, samples: int) ->
     t0 = time.perf_counter()
     if v.engine == "inc":
         from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection
+        from pipeline.stages.quantize.job import Int8Job
         from pipeline.stages.quantize.stage import quantize
 
-        quantize(
-            src, calib, out,
+        quantize(Int8Job(
+            model=src, calib=calib, out=out,
             input_spec=InputSpec(),
             calibration=CalibrationSection(samples=samples),
             quantization=QuantizationSection(
                 engine="inc", format=v.format, per_channel=v.per_channel, reduce_range=v.reduce_range,
                 calibration_method=v.calibration_method, op_types_to_exclude=list(v.op_types_to_exclude),
             ),
-        )
+        ))
     else:
         import contextlib
         import io

@@ -62,14 +62,15 @@ def _stage_convert(src: str, dst: str, recipe: str) -> dict[str, Any]:
 def _stage_quantize(src: str, calib: str, out: str, recipe: str, samples: int | None = None) -> dict[str, Any]:
     import logging
 
-    from pipeline.stages.quantize.stage import quantize
     from pipeline.recipe import load_recipe
+    from pipeline.stages.quantize.job import Int8Job
+    from pipeline.stages.quantize.stage import quantize
 
     logging.disable(logging.WARNING)
     r = load_recipe(recipe)
     calibration = r.calibration if samples is None else r.calibration.model_copy(update={"samples": samples})
     t0 = time.perf_counter()
-    res = quantize(src, calib, out, input_spec=r.model.input, calibration=calibration, quantization=r.quantization)
+    res = quantize(Int8Job(model=src, calib=calib, out=out, input_spec=r.model.input, calibration=calibration, quantization=r.quantization))
     return {"seconds": time.perf_counter() - t0, **_usage(), "stage_seconds": res.seconds}
 
 

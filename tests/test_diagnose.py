@@ -191,6 +191,7 @@ def test_a_lost_clip_bound_is_a_finding_only_where_the_engine_loses_it(images: n
 
 def test_simulated_error_matches_inc_int8_model(tmp_path: Path, pairs_bin: Path, images: np.ndarray):
     """The gated simulation reproduces INC's real int8 arithmetic, including the lost Clip bound."""
+    from pipeline.stages.quantize.job import Int8Job
     from pipeline.stages.quantize.stage import quantize
     from pipeline.recipe import default_recipe, with_overrides
 
@@ -198,7 +199,7 @@ def test_simulated_error_matches_inc_int8_model(tmp_path: Path, pairs_bin: Path,
     m = planted_model(fp32, outliers=True, near_dead=False, dead=False, relu6=True)
     r = with_overrides(default_recipe(), {"model.input.size": [SIZE, SIZE], "calibration.samples": 48})
     out = tmp_path / "int8.onnx"
-    quantize(fp32, pairs_bin, out, input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization)
+    quantize(Int8Job.from_recipe(r, model=fp32, calib=pairs_bin, out=out))
     an = analyse(m, images, QuantScheme.from_section(r.quantization), input_name="data", output_name="fc1")
     sim = an.simulator(len(images))
     simulated = sim.error_of(np.ones(len(an.nodes), np.float32))

@@ -15,6 +15,7 @@ from pipeline.cli.app import app
 from pipeline.core.files import sha256_file
 from pipeline.recipe import default_recipe, with_overrides
 from pipeline.stages.prelu import rewrite_prelu
+from pipeline.stages.quantize.job import Int8Job
 from pipeline.stages.quantize.stage import quantize
 from tests.synthdata import face_images, face_model, synthetic_bin
 
@@ -134,19 +135,13 @@ def _fake_scorer(drops: dict[str, float]):
     return scorer
 
 
-def _base(model: Path, pairs: Path, out: Path, r):
-    return quantize(model, pairs, out, input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r)
-
-
 def test_place_keeps_the_fastest_candidate_within_target_and_its_nodes_are_fp32_in_the_graph(tmp_path, prelu_model, pairs_bin):
     r = _recipe(**{"quantization.placement.candidates": ["depthwise_fp32", "pointwise_only"]})
     out = tmp_path / "q" / "int8.onnx"
-    base = _base(prelu_model, pairs_bin, out, r)
+    job = Int8Job.from_recipe(r, model=prelu_model, calib=pairs_bin, out=out)
+    base = quantize(job)
     timer = _fake_timer({"fp32": 10.0, AS_BUILT: 9.0, "depthwise_fp32": 6.0, "pointwise_only": 5.0})
-    res, pl = place(
-        prelu_model, pairs_bin, out, base=base, input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization,
-        recipe=r, timer=timer, scorer=_fake_scorer({"depthwise_fp32": 0.5, "pointwise_only": 3.0}),
-    )
+    res, pl = place(job, base=base, timer=timer, scorer=_fake_scorer({"depthwise_fp32": 0.5, "pointwise_only": 3.0}))
     assert pl.chosen == "depthwise_fp32" and pl.int8_pays
     assert pl.candidate("pointwise_only").within_target is False, "the fastest one is outside the 1-point target"
     assert abs(pl.candidate("depthwise_fp32").speedup - 10 / 6) < 1e-9
@@ -172,13 +167,11 @@ def test_place_keeps_the_fastest_candidate_within_target_and_its_nodes_are_fp32_
 def test_place_says_so_when_no_int8_placement_beats_fp32(tmp_path, prelu_model, pairs_bin):
     r = _recipe(**{"quantization.placement.candidates": ["depthwise_fp32"]})
     out = tmp_path / "q" / "int8.onnx"
-    base = _base(prelu_model, pairs_bin, out, r)
+    job = Int8Job.from_recipe(r, model=prelu_model, calib=pairs_bin, out=out)
+    base = quantize(job)
     before = out.read_bytes()
     timer = _fake_timer({"fp32": 5.0, AS_BUILT: 6.0, "depthwise_fp32": 5.5})
-    res, pl = place(
-        prelu_model, pairs_bin, out, base=base, input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization,
-        recipe=r, timer=timer, scorer=_fake_scorer({"depthwise_fp32": 0.0}),
-    )
+    res, pl = place(job, base=base, timer=timer, scorer=_fake_scorer({"depthwise_fp32": 0.0}))
     assert pl.chosen == "depthwise_fp32" and not pl.int8_pays and pl.candidate("depthwise_fp32").speedup < 1
     assert res.placement["int8_pays"] is False
     assert any("NO int8 placement measured faster than fp32" in line for line in res.placement["summary"])
@@ -192,12 +185,10 @@ def test_without_pairs_the_embedding_cosine_to_fp32_decides(tmp_path, prelu_mode
         (faces / f"{i:03d}.jpg").write_bytes(jpg)
     r = _recipe(**{"quantization.placement.candidates": ["pointwise_only"], "quantization.placement.cosine_tolerance": 0.0})
     out = tmp_path / "q" / "int8.onnx"
-    base = _base(prelu_model, faces, out, r)
+    job = Int8Job.from_recipe(r, model=prelu_model, calib=faces, out=out)
+    base = quantize(job)
     timer = _fake_timer({"fp32": 10.0, AS_BUILT: 9.0, "pointwise_only": 4.0})
-    _, pl = place(
-        prelu_model, faces, out, base=base, input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization,
-        recipe=r, timer=timer,
-    )
+    _, pl = place(job, base=base, timer=timer)
     assert pl.target["kind"] == "cosine"
     as_built, pw = pl.candidate(AS_BUILT), pl.candidate("pointwise_only")
     assert as_built.accuracy["faces"] == 20 and pw.accuracy is not None
@@ -259,7 +250,7 @@ def test_after_recovery_the_manifest_and_recovery_json_say_where_each_node_ended
         "verify.rounds": 2, "verify.warmup": 0, "verify.runs_per_round": 1,
     })
     out = tmp_path / "q" / "int8.onnx"
-    res = build_int8(prelu_model, pairs_bin, out, input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r)
+    res = build_int8(Int8Job.from_recipe(r, model=prelu_model, calib=pairs_bin, out=out))
     assert res.recovery["within_target"] and res.placement["chosen"] == "depthwise_fp32"
     as_built = next(c for c in res.placement["candidates"] if c["name"] == AS_BUILT)
     assert as_built["accuracy"]["by"] == "recovery", "recovery's score of the int8 as built is reused, not measured again"

@@ -279,11 +279,11 @@ def unrewritten(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _quantize(material: dict[str, Path], out: Path, **overrides: object):
     from pipeline.recipe import default_recipe, with_overrides
+    from pipeline.stages.quantize.job import Int8Job
     from pipeline.stages.quantize.stage import quantize
 
     r = with_overrides(default_recipe(), {"model.input.size": [32, 32], "calibration.samples": 8, **overrides})
-    return quantize(material["model"], material["bin"], out, input_spec=r.model.input, calibration=r.calibration,
-                    quantization=r.quantization, recipe=r)
+    return quantize(Int8Job.from_recipe(r, model=material["model"], calib=material["bin"], out=out))
 
 
 def _op_types(path: Path) -> set[str]:
@@ -359,6 +359,7 @@ def test_cli_quantize_prints_the_rewrite_and_a_wrong_rewrite_stops_with_exit_2(t
 
 def test_an_excluded_conv_feeding_a_prelu_is_not_folded_away(tmp_path: Path) -> None:
     from pipeline.recipe import default_recipe, with_overrides
+    from pipeline.stages.quantize.job import Int8Job
     from pipeline.stages.quantize.stage import quantize
     from tests.synthdata import synthetic_bin
 
@@ -370,8 +371,8 @@ def test_an_excluded_conv_feeding_a_prelu_is_not_folded_away(tmp_path: Path) -> 
     assert rewrite_prelu(m, exclude={"dw2"}).folded == [] and "dw2" in {n.name for n in m.graph.node}
     r = with_overrides(default_recipe(), {"model.input.size": [12, 12], "calibration.samples": 8, "quantization.engine": "ort",
                                           "quantization.nodes_to_exclude": ["dw2"]})
-    res = quantize(model, synthetic_bin(tmp_path / "p.bin", pairs=8, size=(12, 12)), tmp_path / "q" / "int8.onnx",
-                   input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r)
+    calib = synthetic_bin(tmp_path / "p.bin", pairs=8, size=(12, 12))
+    res = quantize(Int8Job.from_recipe(r, model=model, calib=calib, out=tmp_path / "q" / "int8.onnx"))
     q = onnx.load(str(res.output))
     assert [n.op_type for n in q.graph.node if n.name == "dw2"] == ["Conv"]  # kept, in fp32
     assert "PRelu" not in {n.op_type for n in q.graph.node} and res.prelu["folded"] == 0 and res.prelu["rewritten"] == 3

@@ -19,6 +19,7 @@ from pipeline.data.calibration import calibration_indices, indices_sha256
 from pipeline.data.preprocess import preprocess
 from pipeline.core.errors import UserError
 from pipeline.core.files import sha256_file
+from pipeline.stages.quantize.job import Int8Job
 from pipeline.stages.quantize.opcounts import count_ops
 from pipeline.stages.quantize.stage import MANIFEST_SCHEMA, quantize
 from pipeline.stages.quantize.tuning import pair_accuracy
@@ -44,12 +45,9 @@ def _recipe(**overrides: object) -> Recipe:
     return with_overrides(default_recipe(), base)
 
 
-def _run(material: dict[str, Path], out: Path, recipe: Recipe | None = None, **kw: object):
+def _run(material: dict[str, Path], out: Path, recipe: Recipe | None = None, source_model: Path | None = None):
     r = recipe or _recipe()
-    return quantize(
-        material["model"], material["bin"], out,
-        input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r, **kw,
-    )
+    return quantize(Int8Job.from_recipe(r, model=material["model"], calib=material["bin"], out=out, source_model=source_model))
 
 
 def _embed(model: Path | bytes, x: np.ndarray) -> np.ndarray:
@@ -112,11 +110,11 @@ def test_excluded_nodes_and_op_types_stay_fp32(material: dict[str, Path], tmp_pa
 
 _SUBPROCESS = """
 import sys
+from pipeline.stages.quantize.job import Int8Job
 from pipeline.stages.quantize.stage import quantize
 from pipeline.recipe import default_recipe, with_overrides
 r = with_overrides(default_recipe(), {"model.input.size": [32, 32], "calibration.samples": 8, "quantization.engine": sys.argv[4]})
-res = quantize(sys.argv[1], sys.argv[2], sys.argv[3], input_spec=r.model.input, calibration=r.calibration,
-               quantization=r.quantization, recipe=r)
+res = quantize(Int8Job.from_recipe(r, model=sys.argv[1], calib=sys.argv[2], out=sys.argv[3]))
 print(res.int8_sha256)
 """
 
@@ -196,8 +194,7 @@ def test_malicious_calibration_file_is_refused_before_anything_runs(material: di
     evil.write_bytes(malicious_pickle(target))
     out = tmp_path / "o" / "int8.onnx"
     with pytest.raises(UserError, match="refused to load"):
-        quantize(material["model"], evil, out, input_spec=_recipe().model.input, calibration=_recipe().calibration,
-                 quantization=_recipe().quantization)
+        quantize(Int8Job.from_recipe(_recipe(), model=material["model"], calib=evil, out=out))
     assert not target.exists() and not out.exists() and not (out.parent / "manifest.json").exists()
 
 
@@ -364,8 +361,7 @@ def test_real_mobilefacenet_int8_stays_within_0_3_points_on_lfw_subset(shared_mo
     converted = tmp_path / "mobilefacenet-opset11.onnx"
     convert(shared_model, converted, opset=11, dynamic_batch=True)
     recipe = with_overrides(default_recipe(), {"calibration.samples": 200})
-    res = quantize(converted, shared_lfw, tmp_path / "int8.onnx", input_spec=recipe.model.input, calibration=recipe.calibration,
-                   quantization=recipe.quantization, recipe=recipe)
+    res = quantize(Int8Job.from_recipe(recipe, model=converted, calib=shared_lfw, out=tmp_path / "int8.onnx"))
     assert res.op_counts["int8"]["Conv"] == 51
     vb = read_bin(shared_lfw)
     pairs = 1200  # two whole folds of the canonical order: 600 same, 600 different
@@ -427,10 +423,24 @@ def test_per_channel_null_gives_the_engine_default_the_scheme_names(
     r = _recipe(**{"quantization.engine": engine})
     q_null = r.quantization.model_copy(update={"per_channel": None})
     assert QuantScheme.from_section(q_null).per_channel is default
-    null = quantize(material["model"], material["bin"], tmp_path / "null" / "int8.onnx", input_spec=r.model.input,
-                    calibration=r.calibration, quantization=q_null)
+    null = quantize(Int8Job(model=material["model"], calib=material["bin"], out=tmp_path / "null" / "int8.onnx", input_spec=r.model.input,
+                            calibration=r.calibration, quantization=q_null))
     explicit = _run(material, tmp_path / "explicit" / "int8.onnx", _recipe(**{"quantization.engine": engine, "quantization.per_channel": default}))
     assert null.int8_sha256 == explicit.int8_sha256
+
+
+def test_a_job_copied_with_other_settings_records_them_in_its_recipe_and_leaves_the_original_alone() -> None:
+    r = _recipe()
+    job = Int8Job.from_recipe(r, model="m.onnx", calib="c.bin", out="q/int8.onnx")
+    assert (job.model, job.calib, job.out) == (Path("m.onnx"), Path("c.bin"), Path("q/int8.onnx"))
+    assert job.pairs == Path("c.bin") and Int8Job.from_recipe(r, model="m", calib="c", out="o", eval_data="e.bin").pairs == Path("e.bin")
+    q = r.quantization.model_copy(update={"nodes_to_exclude": ["conv1"]})
+    other = job.with_quantization(q, model=Path("repaired.onnx"))
+    assert other.quantization.nodes_to_exclude == ["conv1"] and other.recipe.quantization.nodes_to_exclude == ["conv1"]
+    assert other.model == Path("repaired.onnx") and other.calib == job.calib and other.out == job.out
+    assert job.quantization.nodes_to_exclude == [] and job.recipe.quantization.nodes_to_exclude == []
+    bare = Int8Job(model="m", calib="c", out="o", input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization)
+    assert bare.with_quantization(q).recipe is None
 
 
 def test_each_engine_run_gets_one_weight_range_and_engine_names_from_the_scheme() -> None:
@@ -524,7 +534,7 @@ def test_inc_histogram_calibration_streams_and_gives_inc_own_ranges(
     for label, streamed in (("inc", False), ("qpipe", True)):
         monkeypatch.setattr(inc_patches, "streamed_histograms", measured(label, streamed))
         outs[label] = tmp_path / label / "int8.onnx"
-        quantize(model, calib, outs[label], input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r)
+        quantize(Int8Job.from_recipe(r, model=model, calib=calib, out=outs[label]))
     assert outs["inc"].read_bytes() == outs["qpipe"].read_bytes()
     per_image = ort.activation_bytes_per_image(onnx.load(str(model)))
     if batch == 1:

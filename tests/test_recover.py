@@ -25,6 +25,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.files import sha256_file
 from pipeline.recipe import default_recipe, with_overrides
 from pipeline.runtime.session import session
+from pipeline.stages.quantize.job import Int8Job
 from pipeline.stages.quantize.scheme import QuantScheme
 from tests.synthdata import synthetic_bin
 from tests.twin import NEAR_DEAD_CHANNEL, OUTLIER_CHANNELS, SIZE, make_twin, planted_model
@@ -60,10 +61,7 @@ def pairs_bin(tmp_path_factory) -> Path:
 
 
 def _run(model: Path, pairs_bin: Path, out: Path, recipe) -> RecoverResult:
-    return recover(
-        model, pairs_bin, out, input_spec=recipe.model.input, calibration=recipe.calibration,
-        quantization=recipe.quantization, recipe=recipe,
-    )
+    return recover(Int8Job.from_recipe(recipe, model=model, calib=pairs_bin, out=out))
 
 
 # --- repairs ---------------------------------------------------------------------------------
@@ -204,7 +202,7 @@ def test_int8_step_falls_back_to_fp32_when_repairs_are_off_and_writes_one_manife
     planted_model(model, near_dead=False, dead=False)
     out = tmp_path / "q" / "int8.onnx"
     r = _recipe(**{"quantization.recovery.repair": False})
-    res = build_int8(model, pairs_bin, out, input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r)
+    res = build_int8(Int8Job.from_recipe(r, model=model, calib=pairs_bin, out=out))
     rec = res.recovery
     attempts = rec["attempts"]
     assert not attempts[0]["within_target"]
@@ -313,7 +311,7 @@ def test_recover_needs_verification_pairs(tmp_path: Path):
     planted_model(model)
     r = _recipe()
     with pytest.raises(UserError, match="verification pairs"):
-        recover(model, folder, tmp_path / "int8.onnx", input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r)
+        recover(Int8Job.from_recipe(r, model=model, calib=folder, out=tmp_path / "int8.onnx"))
     # From the command line: found before quantizing, so no int8 model is left without its manifest.
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: t\nmodel: {urls: [m.onnx], input: {size: [32, 32]}}\ncalibration: {samples: 4}\n")
@@ -341,7 +339,7 @@ def test_mobilefacenet_twin_is_recovered_within_0_1_points_on_all_lfw_pairs(
 ):
     from pipeline.stages.convert import convert
     from pipeline.recipe import InputSpec
-    from pipeline.eval.embeddings import embed_pairs
+    from pipeline.eval.embeddings import embed_pairs_with_info
     from pipeline.eval import protocol as metrics
     from pipeline.data.bins import read_bin
 
@@ -356,8 +354,8 @@ def test_mobilefacenet_twin_is_recovered_within_0_1_points_on_all_lfw_pairs(
     # The twin computes the same function as the shipped model on real faces.
     lfw = read_bin(shared_lfw)
     spec = InputSpec()
-    a = embed_pairs(orig, lfw, input_spec=spec, pairs=100)
-    b = embed_pairs(fp32, lfw, input_spec=spec, pairs=100)
+    a, _ = embed_pairs_with_info(orig, lfw, input_spec=spec, pairs=100)
+    b, _ = embed_pairs_with_info(fp32, lfw, input_spec=spec, pairs=100)
     assert np.min(np.sum(a * b, axis=1)) > 0.999999
 
     out = tmp_path / "q" / "int8.onnx"
@@ -369,8 +367,8 @@ def test_mobilefacenet_twin_is_recovered_within_0_1_points_on_all_lfw_pairs(
     assert {"conv96", "conv97"} <= set(rec["diagnosis"]["culprits"])
     assert rec["speed"]["final_speedup"] > 0
 
-    e32 = embed_pairs(fp32, lfw, input_spec=spec)
-    e8 = embed_pairs(out, lfw, input_spec=spec)
+    e32, _ = embed_pairs_with_info(fp32, lfw, input_spec=spec)
+    e8, _ = embed_pairs_with_info(out, lfw, input_spec=spec)
     acc32 = metrics.evaluate(e32[0::2], e32[1::2], lfw.issame).accuracy
     acc8 = metrics.evaluate(e8[0::2], e8[1::2], lfw.issame).accuracy
     assert acc32 == pytest.approx(99.55, abs=0.01)

@@ -91,6 +91,7 @@ def mat(tmp_path_factory) -> SimpleNamespace:
     """Tiny synthetic models and data: a 32x32 face model (opset 8 and 11), its int8, a .bin, a recipe."""
     import cv2
 
+    from pipeline.stages.quantize.job import Int8Job
     from pipeline.stages.quantize.stage import quantize
     from pipeline.recipe import load_recipe, with_overrides
 
@@ -105,7 +106,7 @@ def mat(tmp_path_factory) -> SimpleNamespace:
     m.recipe.write_text(RECIPE32)
     m.int8 = d / "q" / "int8.onnx"
     r = with_overrides(load_recipe(m.recipe), {"quantization.engine": "ort"})
-    quantize(m.fp32, m.faces, m.int8, input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization)
+    quantize(Int8Job.from_recipe(r, model=m.fp32, calib=m.faces, out=m.int8))
     m.photo = d / "photo.jpg"
     cv2.imwrite(str(m.photo), np.full((120, 120, 3), 128, np.uint8))
     # Wrong input shapes for the default recipe (3x112x112).

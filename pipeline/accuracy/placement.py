@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_path, atomic_write_json
@@ -41,7 +40,7 @@ from pipeline.eval.speed import interleaved_rounds, open_for_latency
 from pipeline.runtime.graph import graph_links
 
 if TYPE_CHECKING:
-    from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection, Recipe
+    from pipeline.stages.quantize.job import Int8Job
     from pipeline.stages.quantize.stage import QuantizeResult
 
 AS_BUILT = "as_built"
@@ -299,37 +298,32 @@ def choose(candidates: list[Candidate], score: Callable[[Candidate], None]) -> C
 
 
 def place(
-    model: str | Path,
-    calib: str | Path,
-    out: str | Path,
+    job: "Int8Job",
     *,
     base: "QuantizeResult",
-    input_spec: "InputSpec",
-    calibration: "CalibrationSection",
-    quantization: "QuantizationSection",
-    recipe: "Recipe | None" = None,
-    source_model: str | Path | None = None,
-    eval_data: str | Path | None = None,
     cache_dir: str | Path | None = None,
     progress: Progress | None = None,
     timer: Timer | None = None,
     scorer: Scorer | None = None,
 ) -> "tuple[QuantizeResult, PlacementResult]":
-    """Measure the int8 model at ``out`` (``base``, as the recipe or recovery built it) against variants; keep the fastest within the target.
+    """Measure the int8 model at ``job.out`` (``base``, as the recipe or recovery built it) against variants; keep the fastest within the target.
+
+    ``job.model`` (the converted fp32 model ``base`` was quantized from) is timed as the fp32
+    reference; ``job.quantization`` is the recipe's section, its ``placement`` says which
+    candidates and how long to time. Candidates are scored on recovery's evaluation subset of
+    ``job.pairs`` when that is a .bin; without pairs the embedding cosine to fp32 decides.
 
     Args:
-        model: the converted fp32 model ``base`` was quantized from (timed as the fp32 reference).
-        base: the quantize result of the int8 model at ``out``; its ``recovery`` section, when
+        job: what was quantized and how (:class:`~pipeline.stages.quantize.job.Int8Job`).
+        base: the quantize result of the int8 model at ``job.out``; its ``recovery`` section, when
             recovery ran, gives the fp32 model and settings it was quantized with and its accuracy.
-        quantization: the recipe's section; ``placement`` says which candidates and how long to time.
-        eval_data: verification pairs (.bin) scoring candidates on recovery's evaluation subset;
-            default ``calib`` when it is a .bin; without pairs the embedding cosine to fp32 decides.
+        cache_dir: fp32 embedding cache shared with ``qpipe verify`` (same key), or None.
+        progress: progress bars and notes.
         timer, scorer: seams for tests (:func:`time_models`'s signature; path -> score dict with
             ``drop`` or ``cosine_mean``).
 
-    Returns the quantize result of the model now at ``out`` (its ``placement`` set) and the placement.
+    Returns the quantize result of the model now at ``job.out`` (its ``placement`` set) and the placement.
     """
-    from pipeline.accuracy.ranges import calibration_images
     from pipeline.accuracy.recover import candidate_settings, check_recovery
     from pipeline.core.environment import cpu_info, detect_cpu_class, physical_cores
     from pipeline.data.bins import VerificationBin, open_images
@@ -339,10 +333,9 @@ def place(
 
     progress = progress or NULL_PROGRESS
     t0 = time.perf_counter()
+    quantization, model, out, input_spec = job.quantization, job.model, job.out, job.input_spec
     pl = quantization.placement
-    out = Path(out)
-    model = Path(model)
-    vs = recipe.verify if recipe is not None else VerifySection()
+    vs = job.recipe.verify if job.recipe is not None else VerifySection()
     threads = vs.threads or physical_cores()
     rec = base.recovery or {}
 
@@ -380,18 +373,14 @@ def place(
             q = q_base.model_copy(update={"nodes_to_exclude": c.nodes_fp32})
             progress.log(f"placement: quantizing {c.name} ({c.description}: {len(c.nodes_fp32)} nodes in fp32)")
             tq = time.perf_counter()
-            results[c.name] = quantize(
-                fp32_src, calib, work / c.name / "int8.onnx", input_spec=input_spec, calibration=calibration, quantization=q,
-                recipe=recipe.model_copy(update={"quantization": q}) if recipe is not None else None, source_model=source_model,
-                progress=progress,
-            )
+            results[c.name] = quantize(job.with_quantization(q, model=fp32_src, out=work / c.name / "int8.onnx"), progress=progress)
             c.quantize_seconds = time.perf_counter() - tq
             paths[c.name] = Path(results[c.name].output)
 
         # Speed: every model in the same rounds, on a real preprocessed face.
         from pipeline.data.preprocess import preprocess
 
-        faces = open_images(calib)
+        faces = open_images(job.calib)
         x = preprocess(faces.decode_many([0]), input_spec)
         per_round = (timer or time_models)(
             {FP32: model, **paths}, x, input_name=input_name, output_name=output_name, threads=threads, warmup=pl.warmup,
@@ -405,14 +394,13 @@ def place(
             c.latency_ms, c.speedup, c.speedup_iqr = float(np.median(mine)), q50, (q25, q75)
 
         # Accuracy, as recovery defines it when there are pairs; else the embedding cosine to fp32.
-        ev_path = eval_data if eval_data is not None else calib
-        ev_source = open_images(ev_path)
-        rec_target = check_recovery(quantization, recipe, ev_path) if isinstance(ev_source, VerificationBin) else None
+        ev_source = open_images(job.pairs)
+        rec_target = check_recovery(job) if isinstance(ev_source, VerificationBin) else None
         confirm: Scorer | None = None
         if scorer is None:
             scorer, confirm, target = _default_scorer(
-                model, ev_source, rec_target, quantization, input_spec, vs, threads, input_name, output_name, cache_dir, progress,
-                lambda: calibration_images(calib, input_spec, calibration, input_name)[:64],
+                job, ev_source, rec_target, vs, threads=threads, input_name=input_name, output_name=output_name, cache_dir=cache_dir,
+                progress=progress,
             )
         else:
             target = {"kind": "drop", "max_accuracy_drop": rec_target} if rec_target is not None else {"kind": "cosine"}
@@ -494,14 +482,17 @@ def place(
 
 
 def _default_scorer(
-    model: Path, ev_source: Any, rec_target: float | None, quantization: "QuantizationSection", spec: "InputSpec", vs: Any,
-    threads: int, input_name: str, output_name: str, cache_dir: Any, progress: Progress, faces: Callable[[], np.ndarray],
+    job: "Int8Job", ev_source: Any, rec_target: float | None, vs: Any, *, threads: int, input_name: str, output_name: str,
+    cache_dir: Any, progress: Progress,
 ) -> tuple[Scorer, Scorer | None, dict[str, Any]]:
     """Recovery's evaluator (its subset, its confirmation on the gate's pairs) when there are pairs; else the mean
-    embedding cosine to fp32 on calibration faces. Built on first use: a placement whose fastest candidate is the
-    int8 as built scores nothing."""
+    embedding cosine to fp32 on 64 calibration faces. The evaluator is built on first use: a placement whose fastest
+    candidate is the int8 as built scores nothing."""
     from pipeline.accuracy.evaluator import Evaluator, subset_pairs
+    from pipeline.accuracy.ranges import calibration_images
     from pipeline.runtime.session import OnnxModel
+
+    model, quantization, spec = job.model, job.quantization, job.input_spec
 
     if rec_target is not None:
         pairs = subset_pairs(ev_source.num_pairs, quantization.recovery.eval_pairs, vs.folds)
@@ -523,7 +514,7 @@ def _default_scorer(
 
         return (lambda p: evaluator().score(p)), (confirm if confirm_pairs and confirm_pairs > pairs else None), target
 
-    images = faces()
+    images = calibration_images(job.calib, spec, job.calibration, input_name)[:64]
 
     def embed(path: Path) -> np.ndarray:
         m = OnnxModel(path, threads=threads, input_name=input_name, output_name=output_name)

@@ -48,11 +48,12 @@ from pipeline.accuracy.simulate import sensitivity
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_path, atomic_write_json, atomic_write_text, require_file
 from pipeline.core.progress import NULL_PROGRESS, Progress
+from pipeline.stages.quantize.job import Int8Job
 from pipeline.stages.quantize.scheme import QuantScheme
 from pipeline.stages.quantize.stage import quantize
 
 if TYPE_CHECKING:
-    from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection, Recipe
+    from pipeline.recipe import QuantizationSection
     from pipeline.stages.quantize.stage import QuantizeResult
 
 
@@ -66,17 +67,11 @@ def candidate_settings(q: "QuantizationSection", **changes: Any) -> "Quantizatio
 
 @dataclass
 class _Setup:
-    """Everything one recovery run needs, resolved from the arguments and the recipe."""
+    """Everything one recovery run needs, resolved from the job and the recipe."""
 
-    model: Path
+    job: Int8Job  # as handed to recover: its quantization is the recipe's
     source: onnx.ModelProto
-    calib: Path
-    out: Path
-    spec: "InputSpec"
-    calibration: "CalibrationSection"
     q0: "QuantizationSection"  # the recipe's settings, recovery off
-    recipe: "Recipe | None"
-    source_model: str | Path | None
     input_name: str
     output_name: str
     target: float
@@ -113,7 +108,8 @@ class _Recovery:
     @property
     def images(self) -> np.ndarray:
         if self._images is None:
-            self._images = calibration_images(self.s.calib, self.s.spec, self.s.calibration, self.s.input_name)
+            job = self.s.job
+            self._images = calibration_images(job.calib, job.input_spec, job.calibration, self.s.input_name)
         return self._images
 
     def analyse(self, model: onnx.ModelProto, q: "QuantizationSection") -> Analysis:
@@ -133,11 +129,7 @@ class _Recovery:
             qres = existing
         else:
             path = self.s.work / f"candidate{len(self.attempts)}" / "int8.onnx"
-            recipe = self.s.recipe.model_copy(update={"quantization": q}) if self.s.recipe is not None else None
-            qres = quantize(
-                fp32, self.s.calib, path, input_spec=self.s.spec, calibration=self.s.calibration, quantization=q, recipe=recipe,
-                source_model=self.s.source_model, progress=self.s.progress,
-            )
+            qres = quantize(self.s.job.with_quantization(q, model=fp32, out=path), progress=self.s.progress)
         path = Path(qres.output)
         score = self.evaluator.score(path)
         k = len(self.attempts)
@@ -184,7 +176,7 @@ class _Recovery:
         rows, err_all = sensitivity(sim, both=False, progress=self.s.progress)
         self.attempts[0].simulated_error = err_all
         res = DiagnoseResult(
-            fp32=self.s.model, int8=None, scheme=an.scheme.to_dict(), samples=len(sim.images), range_samples=len(self.images),
+            fp32=self.s.job.model, int8=None, scheme=an.scheme.to_dict(), samples=len(sim.images), range_samples=len(self.images),
             quantizable=len(an.nodes), error_all=err_all, sensitivity=rows, findings=findings, seconds=0.0,
         )
         res.seconds = time.perf_counter() - t0
@@ -207,7 +199,7 @@ class _Recovery:
         changes: dict[str, Any] = {}
         for x in repairs:
             changes.update({k.split(".")[-1]: v for k, v in x.setting.items()})
-        fp32 = s.model
+        fp32 = s.job.model
         if model_repairs:
             with atomic_path(s.repaired_path) as tmp:
                 onnx.save(repaired, str(tmp))
@@ -221,7 +213,7 @@ class _Recovery:
             options.append((label, candidate_settings(s.q0, **changes), repairs, repaired if model_repairs else s.source))
         current, current_model = 0, s.source
         for label, q, reps, proto in options:
-            a = self.candidate(label, fp32 if proto is repaired else s.model, q, reps)
+            a = self.candidate(label, fp32 if proto is repaired else s.job.model, q, reps)
             if a.accuracy > self.attempts[current].accuracy or (a.within_target and not self.attempts[current].within_target):
                 current, current_model = len(self.attempts) - 1, proto
             if a.within_target:
@@ -245,9 +237,10 @@ class _Recovery:
             samples=self.rec.sensitivity_samples, progress=self.s.progress,
         )
 
-    def finish(self, quantization: "QuantizationSection", t0: float) -> RecoverResult:
-        """Write the chosen candidate to ``out`` and the reports."""
+    def finish(self, t0: float) -> RecoverResult:
+        """Write the chosen candidate to the job's ``out`` and the reports."""
         s = self.s
+        quantization, out = s.job.quantization, s.job.out
         chosen = self.best()
         final = self.attempts[chosen]
         final_fp32, final_q = self.settings[chosen]
@@ -258,20 +251,18 @@ class _Recovery:
             )
         same_kernels = final_q.nodes_to_exclude == self.settings[0][1].nodes_to_exclude
         t_speed = time.perf_counter()
-        speed = _speed(
-            s.model, self.paths[0], self.paths[chosen], s.spec, s.verify, s.threads, self.evaluator.bin, s.progress, same_kernels=same_kernels
-        )
+        speed = _speed(s, self.paths[0], self.paths[chosen], self.evaluator.bin, same_kernels=same_kernels)
         self.timings["speed"] = time.perf_counter() - t_speed
         self.timings["attempts"] = sum(a.seconds for a in self.attempts)
         changes: dict[str, Any] = {}
         for key in ("nodes_to_exclude", "per_channel", "reduce_range", "calibration_method"):
             if getattr(final_q, key) != getattr(quantization, key):
                 changes[f"quantization.{key}"] = getattr(final_q, key)
-        with atomic_path(s.out) as tmp:
+        with atomic_path(out) as tmp:
             shutil.copyfile(self.paths[chosen], tmp)
         keep_repaired = final_fp32 == s.repaired_path
         res = RecoverResult(
-            output=s.out, target=self.target, eval_pairs=self.evaluator.pairs, total_pairs=self.evaluator.bin.num_pairs,
+            output=out, target=self.target, eval_pairs=self.evaluator.pairs, total_pairs=self.evaluator.bin.num_pairs,
             fp32_accuracy=self.evaluator.fp32.accuracy, within_target=final.within_target, attempts=self.attempts, final=final,
             repairs=self.repair_sets[chosen], nodes_fp32=list(final_q.nodes_to_exclude), recipe_changes=changes,
             diagnosis=self.diagnosis, speed=speed, repaired_model=s.repaired_path if keep_repaired else None,
@@ -279,7 +270,7 @@ class _Recovery:
         )
         res.report_json = s.report_dir / "recovery.json"
         res.report_md = s.report_dir / "recovery.md"
-        res.quantize = dataclasses.replace(self.results[chosen], output=s.out, recovery=res.manifest_section())
+        res.quantize = dataclasses.replace(self.results[chosen], output=out, recovery=res.manifest_section())
         atomic_write_json(res.report_json, res.to_dict())
         atomic_write_text(res.report_md, markdown(res))
         return res
@@ -288,16 +279,16 @@ class _Recovery:
 _NEEDS_PAIRS = "accuracy recovery needs verification pairs to score its candidates: give a .bin as --calib, not an image folder"
 
 
-def check_recovery(quantization: "QuantizationSection", recipe: "Recipe | None", eval_data: str | Path) -> float:
+def check_recovery(job: Int8Job) -> float:
     """The target drop in points; a UserError for recovery settings or evaluation data that cannot work.
 
-    Cheap (nothing is read), so that a caller can check before it quantizes. ``eval_data``:
-    what will score the candidates (a folder of images cannot).
+    Cheap (nothing is read), so that a caller can check before it quantizes. The job's
+    :attr:`~pipeline.stages.quantize.job.Int8Job.pairs` score the candidates (a folder of images cannot).
     """
     from pipeline.recipe import GateSection
 
-    rec = quantization.recovery
-    gate = recipe.gate if recipe is not None else GateSection()
+    rec = job.quantization.recovery
+    gate = job.recipe.gate if job.recipe is not None else GateSection()
     target = rec.max_accuracy_drop if rec.max_accuracy_drop is not None else gate.max_accuracy_drop
     if target < 0:
         raise UserError(f"quantization.recovery.max_accuracy_drop must be >= 0, got {target}")
@@ -305,43 +296,32 @@ def check_recovery(quantization: "QuantizationSection", recipe: "Recipe | None",
         raise UserError(f"quantization.recovery.max_fp32_nodes must be >= 0, got {rec.max_fp32_nodes}")
     if rec.sensitivity_samples <= 0:
         raise UserError(f"quantization.recovery.sensitivity_samples must be positive, got {rec.sensitivity_samples}")
-    if Path(eval_data).is_dir():
+    if job.pairs.is_dir():
         raise UserError(_NEEDS_PAIRS)
     return target
 
 
 def recover(
-    model: str | Path,
-    calib: str | Path,
-    out: str | Path,
+    job: Int8Job,
     *,
-    input_spec: "InputSpec",
-    calibration: "CalibrationSection",
-    quantization: "QuantizationSection",
-    recipe: "Recipe | None" = None,
-    source_model: str | Path | None = None,
-    eval_data: str | Path | None = None,
     first: "QuantizeResult | None" = None,
     report_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
     progress: Progress | None = None,
 ) -> RecoverResult:
-    """Quantize ``model`` so that int8 stays within the recovery target of fp32, repairing and falling back as needed.
+    """Quantize ``job.model`` so that int8 stays within the recovery target of fp32, repairing and falling back as needed.
+
+    ``job.quantization.recovery`` sets the target (``max_accuracy_drop``, default the recipe's
+    ``gate.max_accuracy_drop``), ``eval_pairs``, ``max_fp32_nodes``, ``sensitivity_samples`` and
+    ``repair``; every repair must pass the recipe's ``convert.min_cosine``; candidates are scored on
+    ``job.pairs`` with the recipe's verification protocol. The chosen candidate is written at
+    ``job.out``, and no manifest: the result's ``quantize`` (the chosen candidate's quantize
+    result, with its ``recovery`` section) says what it is.
 
     Args:
-        model: the converted fp32 model.
-        calib: calibration faces (``.bin`` or folder), as for :func:`pipeline.stages.quantize.stage.quantize`.
-        out: the int8 model to write. No manifest is written: the result's ``quantize``
-            (the chosen candidate's quantize result, with its ``recovery`` section) says what it is.
-        input_spec, calibration, quantization: recipe sections; ``quantization.recovery`` sets the
-            target (``max_accuracy_drop``, default ``gate.max_accuracy_drop``), ``eval_pairs``,
-            ``max_fp32_nodes``, ``sensitivity_samples`` and ``repair``.
-        recipe: the full recipe (the gate's default target, the verification protocol, the
-            equivalence threshold ``convert.min_cosine`` that every repair must pass).
-        source_model: the original model, passed on to every quantization.
-        eval_data: verification pairs (``.bin``) that score the candidates; default ``calib`` when it is a ``.bin``.
+        job: what to quantize and how (:class:`~pipeline.stages.quantize.job.Int8Job`).
         first: the recipe's int8 model as the quantize stage returned it (scored, not quantized again).
-        report_dir: where recovery.json/.md and diagnose.json/.md go; default beside ``out``.
+        report_dir: where recovery.json/.md and diagnose.json/.md go; default beside ``job.out``.
         cache_dir: fp32 embedding cache shared with ``qpipe verify`` (same key), or None.
         progress: progress bars and notes.
 
@@ -354,12 +334,12 @@ def recover(
 
     progress = progress or NULL_PROGRESS
     t0 = time.perf_counter()
-    model = require_file(model, "fp32 model")
-    out = Path(out)
-    rec = quantization.recovery
+    model = require_file(job.model, "fp32 model")
+    out, recipe, input_spec = job.out, job.recipe, job.input_spec
+    rec = job.quantization.recovery
     vs = recipe.verify if recipe is not None else VerifySection()
-    target = check_recovery(quantization, recipe, eval_data if eval_data is not None else calib)
-    ev_source = open_images(eval_data if eval_data is not None else calib)
+    target = check_recovery(job)
+    ev_source = open_images(job.pairs)
     if not isinstance(ev_source, VerificationBin):
         raise UserError(_NEEDS_PAIRS)
     if first is not None and not Path(first.output).is_file():
@@ -367,8 +347,7 @@ def recover(
     source = load_model(model, "fp32 model")
     out.parent.mkdir(parents=True, exist_ok=True)
     setup = _Setup(
-        model=model, source=source, calib=Path(calib), out=out, spec=input_spec, calibration=calibration, q0=candidate_settings(quantization),
-        recipe=recipe, source_model=source_model, input_name=find_input(source, input_spec.name).name,
+        job=job, source=source, q0=candidate_settings(job.quantization), input_name=find_input(source, input_spec.name).name,
         output_name=find_output(source, input_spec.output).name, target=target,
         min_cosine=(recipe.convert if recipe is not None else ConvertSection()).min_cosine, threads=vs.threads or physical_cores(),
         verify=vs, work=Path(tempfile.mkdtemp(prefix=".qpipe-recover-", dir=out.parent)),
@@ -399,7 +378,7 @@ def recover(
             start, start_an = r.repair(an, findings) if rec.repair else (0, an)
             if not any(a.within_target for a in r.attempts) and rec.max_fp32_nodes > 0:
                 r.fallback(start, start_an)
-        result = r.finish(quantization, t0)
+        result = r.finish(t0)
         return result
     finally:
         shutil.rmtree(setup.work, ignore_errors=True)
@@ -407,11 +386,8 @@ def recover(
             setup.repaired_path.unlink()
 
 
-def _speed(
-    fp32: Path, baseline: Path, final: Path, spec: "InputSpec", vs: Any, threads: int, pairs_bin: Any, progress: Progress, *,
-    same_kernels: bool,
-) -> dict[str, Any]:
-    """Interleaved batch-1 latency: fp32 vs the final int8, and vs the recipe's int8 when nodes went back to fp32.
+def _speed(s: _Setup, baseline: Path, final: Path, pairs_bin: Any, *, same_kernels: bool) -> dict[str, Any]:
+    """Interleaved batch-1 latency: the job's fp32 model vs the final int8, and vs the recipe's int8 when nodes went back to fp32.
 
     With no node in fp32 the final model runs the same int8 kernels as the recipe's, so its speed is
     the same by construction and a second measurement would only show the machine's noise.
@@ -419,10 +395,11 @@ def _speed(
     from pipeline.data.preprocess import preprocess
     from pipeline.eval.speed import benchmark
 
+    fp32, spec, vs, threads = s.job.model, s.job.input_spec, s.verify, s.threads
     inputs = preprocess(pairs_bin.decode_many(np.arange(min(pairs_bin.num_images, max(1, vs.throughput_batch)))), spec)
     kw = dict(
         inputs=inputs, input_name=spec.name, output_name=spec.output, threads=threads, warmup=vs.warmup,
-        rounds=max(4, vs.rounds // 2), runs_per_round=vs.runs_per_round, throughput_batch=1, progress=progress,
+        rounds=max(4, vs.rounds // 2), runs_per_round=vs.runs_per_round, throughput_batch=1, progress=s.progress,
     )
     fin = benchmark(fp32, final, **kw)
     out = {

@@ -20,81 +20,57 @@ from typing import TYPE_CHECKING
 from pipeline.accuracy.placement import place
 from pipeline.accuracy.recover import check_recovery, recover
 from pipeline.build.manifest import MANIFEST_NAME, write_quantize_manifest
+from pipeline.stages.quantize.job import Int8Job
 from pipeline.stages.quantize.stage import QuantizeResult, quantize
 
 if TYPE_CHECKING:
     from pipeline.core.progress import Progress
-    from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection, Recipe
 
 
 def build_int8(
-    model: str | Path,
-    calib: str | Path,
-    out: str | Path,
+    job: Int8Job,
     *,
-    input_spec: "InputSpec",
-    calibration: "CalibrationSection",
-    quantization: "QuantizationSection",
-    recipe: "Recipe | None" = None,
-    source_model: str | Path | None = None,
-    eval_data: str | Path | None = None,
     report_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
     write_manifest: bool = True,
     progress: "Progress | None" = None,
 ) -> QuantizeResult:
-    """Quantize ``model`` to ``out``, recovering accuracy when ``quantization.recovery.enabled``; ``manifest.json`` beside ``out``.
+    """Quantize ``job.model`` to ``job.out``, recovering accuracy when ``job.quantization.recovery.enabled``; ``manifest.json`` beside it.
+
+    ``job.quantization.recovery`` switches recovery on and sets its target
+    (:func:`pipeline.accuracy.recover.recover`), ``job.quantization.placement`` speed-aware
+    placement (:func:`pipeline.accuracy.placement.place`); ``job.eval_data`` feeds INC's
+    tuning and scores their candidates.
 
     Args:
-        model: the converted fp32 model.
-        calib: calibration faces (``.bin`` or folder).
-        out: the int8 model to write.
-        input_spec, calibration, quantization: recipe sections, as for
-            :func:`pipeline.stages.quantize.stage.quantize`; ``quantization.recovery``
-            switches recovery on and sets its target (:func:`pipeline.accuracy.recover.recover`).
-        recipe: the full recipe, recorded in the manifest.
-        source_model: the original (pre-conversion) model, hashed into the manifest.
-        eval_data: verification pairs for INC's tuning and for scoring recovery's candidates;
-            default ``calib`` when it is a ``.bin``.
-        report_dir: where recovery writes recovery.json/.md and diagnose.json/.md; default beside ``out``.
-        cache_dir: fp32 embedding cache recovery shares with ``qpipe verify``, or None.
+        job: what to quantize and how (:class:`~pipeline.stages.quantize.job.Int8Job`).
+        report_dir: where recovery writes recovery.json/.md and diagnose.json/.md; default beside ``job.out``.
+        cache_dir: fp32 embedding cache recovery and placement share with ``qpipe verify``, or None.
         write_manifest: False for a caller that records the manifest itself
-            (:func:`pipeline.build.manifest.quantize_manifest` of the result): nothing is written beside ``out``.
+            (:func:`pipeline.build.manifest.quantize_manifest` of the result): nothing is written beside ``job.out``.
         progress: progress bars and notes.
 
-    Returns the quantize result of the model at ``out``: its ``recovery`` holds the
+    Returns the quantize result of the model at ``job.out``: its ``recovery`` holds the
     manifest's recovery section when recovery ran, its ``manifest`` the manifest's path.
     """
-    recovering = quantization.recovery.enabled
-    placing = quantization.placement.enabled
-    pairs = eval_data if eval_data is not None else calib
-    if recovering or (placing and not Path(pairs).is_dir()):
+    recovering = job.quantization.recovery.enabled
+    placing = job.quantization.placement.enabled
+    if recovering or (placing and not job.pairs.is_dir()):
         # Before quantizing: a recovery (or a placement's accuracy target) that cannot work must not
         # leave an int8 model without its manifest.
-        check_recovery(quantization, recipe, pairs)
+        check_recovery(job)
 
     def manifest_first(body: dict) -> None:
         # Without recovery the manifest goes in before the model it describes replaces the old one.
-        write_quantize_manifest(out, body)
+        write_quantize_manifest(job.out, body)
 
-    res = quantize(
-        model, calib, out, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
-        source_model=source_model, eval_data=eval_data,
-        before_publish=manifest_first if write_manifest and not (recovering or placing) else None,
-        progress=progress,
-    )
+    res = quantize(job, before_publish=manifest_first if write_manifest and not (recovering or placing) else None, progress=progress)
     if not recovering and not placing:
-        return dataclasses.replace(res, manifest=Path(out).parent / MANIFEST_NAME if write_manifest else None)
+        return dataclasses.replace(res, manifest=job.out.parent / MANIFEST_NAME if write_manifest else None)
     if recovering:
-        res = recover(
-            model, calib, out, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
-            source_model=source_model, eval_data=eval_data, first=res, report_dir=report_dir, cache_dir=cache_dir, progress=progress,
-        ).quantize
+        res = recover(job, first=res, report_dir=report_dir, cache_dir=cache_dir, progress=progress).quantize
     if placing:
-        res, _ = place(
-            model, calib, out, base=res, input_spec=input_spec, calibration=calibration, quantization=quantization, recipe=recipe,
-            source_model=source_model, eval_data=eval_data, cache_dir=cache_dir, progress=progress,
-        )
+        res, _ = place(job, base=res, cache_dir=cache_dir, progress=progress)
     if not write_manifest:
         return res
     manifest = write_quantize_manifest(res.output, res.manifest_body(), recovery=res.recovery, placement=res.placement)

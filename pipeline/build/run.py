@@ -600,6 +600,7 @@ def _convert_stage(recipe, state, run_dir, model_path, model_sha, data_path, dat
 def _quantize_stage(recipe, state, run_dir, source_model, fp32_sha, data_path, data_sha, progress) -> StageRecord:
     from pipeline.build.int8 import build_int8
     from pipeline.build.manifest import quantize_manifest
+    from pipeline.stages.quantize.job import Int8Job
 
     key = _stage_key(
         "quantize", fp32=fp32_sha, data=data_sha,
@@ -607,10 +608,8 @@ def _quantize_stage(recipe, state, run_dir, source_model, fp32_sha, data_path, d
     )
 
     def body(work: Path) -> tuple[dict[str, Any], list[str]]:
-        res = build_int8(
-            run_dir / FP32_NAME, data_path, work / INT8_NAME, input_spec=recipe.model.input, calibration=recipe.calibration,
-            quantization=recipe.quantization, recipe=recipe, source_model=source_model, write_manifest=False, progress=progress,
-        )
+        job = Int8Job.from_recipe(recipe, model=run_dir / FP32_NAME, calib=data_path, out=work / INT8_NAME, source_model=source_model)
+        res = build_int8(job, write_manifest=False, progress=progress)
         result = res.to_dict()
         # What `qpipe quantize` would write beside its output is folded into the artifact manifest.
         stage_manifest = quantize_manifest(INT8_NAME, res.manifest_body(), recovery=res.recovery, placement=res.placement)

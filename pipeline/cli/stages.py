@@ -148,6 +148,7 @@ def quantize(
     """Post-training static int8 quantization (Intel Neural Compressor or onnxruntime), driven by the recipe."""
     from pipeline.accuracy.recovery_report import summary_lines as recovery_summary
     from pipeline.build.int8 import build_int8
+    from pipeline.stages.quantize.job import Int8Job
 
     if model is None or calib is None:
         raise UserError("quantize needs --model (the converted fp32 model) and --calib (a .bin or image folder)")
@@ -164,9 +165,7 @@ def quantize(
             "quantization.prelu": prelu,
         },
     )
-    res = build_int8(
-        model, calib, out, input_spec=r.model.input, calibration=r.calibration, quantization=r.quantization, recipe=r, progress=progress_bars(quiet)
-    )
+    res = build_int8(Int8Job.from_recipe(r, model=model, calib=calib, out=out), progress=progress_bars(quiet))
     lines = [f"wrote {res.output} ({res.engine}, {res.format}) in {res.seconds:.1f} s, peak {res.peak_rss_mb:.0f} MB"]
     lines += res.summary()
     if res.weights.get("reduce_range"):

@@ -10,7 +10,8 @@ settings from the recipe's ``quantization`` section as
 nothing in the current directory: their scratch files live in a temporary
 directory beside the output, removed afterwards.
 
-The int8 model is written atomically at ``out``. Everything its manifest
+The stage reads an :class:`~pipeline.stages.quantize.job.Int8Job` (files and
+recipe sections) and writes the int8 model atomically at its ``out``. Everything its manifest
 records (hashes of the source, converted and int8 models and of the
 calibration set, the resolved recipe and its hash, the calibration indices,
 library versions, CPU facts, wall time and peak memory) comes back in the
@@ -54,11 +55,12 @@ from pipeline.stages.quantize import inc, ort
 from pipeline.stages.quantize.checks import ModelFacts, check_exclusions, check_format, check_model, load_model
 from pipeline.stages.quantize.depthwise import merge_depthwise_weights
 from pipeline.stages.quantize.engine import Engine
+from pipeline.stages.quantize.job import Int8Job
 from pipeline.stages.quantize.opcounts import count_ops
 from pipeline.stages.quantize.scheme import QuantScheme
 
 if TYPE_CHECKING:
-    from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection, Recipe
+    from pipeline.recipe import CalibrationSection, InputSpec, QuantizationSection
 
 # The manifest body's schema: the build layer writes the body as manifest.json beside the model.
 MANIFEST_SCHEMA = "qpipe.quantize-manifest/1"
@@ -124,48 +126,29 @@ class QuantizeResult:
 
 
 def quantize(
-    model: str | Path,
-    calib: str | Path,
-    out: str | Path,
+    job: Int8Job,
     *,
-    input_spec: "InputSpec",
-    calibration: "CalibrationSection",
-    quantization: "QuantizationSection",
-    recipe: "Recipe | None" = None,
-    source_model: str | Path | None = None,
-    eval_data: str | Path | None = None,
     before_publish: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress | None = None,
 ) -> QuantizeResult:
-    """Quantize a converted fp32 model to int8 with the recipe's engine and write it atomically at ``out``.
+    """Quantize ``job.model`` to int8 with the recipe's engine and write it atomically at ``job.out``.
 
     The manifest is not written here: :meth:`QuantizeResult.manifest_body` holds it.
     ``before_publish`` is called with that body once the model is complete but before it
-    is renamed to ``out``: a caller that writes the manifest there never leaves a new
+    is renamed to ``job.out``: a caller that writes the manifest there never leaves a new
     model beside an old manifest (a full disk stops the manifest, and the model with it).
-
-    Args:
-        model: the converted fp32 ONNX model (opset 10+, initializers not listed as inputs).
-        calib: calibration images: an insightface ``.bin`` or a folder of aligned faces.
-        out: the int8 model to write (atomically).
-        input_spec: how images become the model input (recipe ``model.input``).
-        calibration: sample count, seed, batch and flip (recipe ``calibration``).
-        quantization: engine, format, per-channel, exclusions, pass-through options (recipe ``quantization``);
-            its ``recovery`` section is not this function's business.
-        recipe: the full recipe, recorded resolved in the manifest body with its hash.
-        source_model: the original (pre-conversion) model, hashed into the manifest body when given.
-        eval_data: verification pairs for INC accuracy-aware tuning; default: ``calib`` when it is a ``.bin``.
-        progress: progress bars and notes.
+    ``job.quantization.recovery`` and ``job.quantization.placement`` are not this function's
+    business; ``job.eval_data`` only feeds INC's accuracy-aware tuning. ``progress``: progress bars and notes.
     """
     progress = progress or NULL_PROGRESS
-    model_path = require_file(model, "fp32 model")
-    out = Path(out)
+    model_path = require_file(job.model, "fp32 model")
+    out = job.out
     if out.exists() and out.is_dir():
         raise UserError(f"--out is a directory, expected a file name: {out}")
     if out.resolve() == model_path.resolve():
         raise UserError(f"--out {out} would overwrite the input model")
-    src_path = require_file(source_model, "source model") if source_model is not None else None
-    q = quantization
+    src_path = require_file(job.source_model, "source model") if job.source_model is not None else None
+    input_spec, calibration, q, recipe = job.input_spec, job.calibration, job.quantization, job.recipe
     if q.engine not in ENGINES:
         raise UserError(f"invalid recipe: quantization.engine {q.engine!r}; known engines: {', '.join(ENGINES)}")
     scheme = QuantScheme.from_section(q)
@@ -180,7 +163,7 @@ def quantize(
         del proto
         warnings = check_exclusions(facts, model_path, q)
 
-        source = open_images(calib)
+        source = open_images(job.calib)
         data = CalibrationData.from_section(source, input_spec, calibration, facts.input_name)
         prelu_record: dict[str, Any] | None = None
         if prelu is not None and rewritten is not None and original is not None:
@@ -199,7 +182,7 @@ def quantize(
             )
         eval_bin: VerificationBin | None = None
         if q.engine == "inc" and q.tuning.enabled:
-            ev = open_images(eval_data) if eval_data is not None else source
+            ev = open_images(job.eval_data) if job.eval_data is not None else source
             if not isinstance(ev, VerificationBin):
                 raise UserError("accuracy-aware tuning needs verification pairs (a .bin), not an image folder")
             eval_bin = ev
