@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 from pipeline.core.errors import UserError
 from pipeline.data.bins import read_bin
-from pipeline.eval.embeddings import embed_images, embed_pairs
+from pipeline.eval.embeddings import embed_images, embed_pairs_with_info
 from pipeline.recipe import InputSpec
 from pipeline.runtime.session import OnnxModel, session
 from tests.synthdata import face_model, synthetic_bin
@@ -74,8 +74,8 @@ def test_a_batch_one_model_embeds_whatever_batch_is_asked_for(tmp_path):
     assert fixed is not None and dynamic is not None
     b = read_bin(synthetic_bin(tmp_path / "pairs.bin", pairs=10, seed=1))
     spec = InputSpec(size=[32, 32])
-    e_fixed = embed_pairs(tmp_path / "fixed.onnx", b, input_spec=spec, batch=16)
-    e_dyn = embed_pairs(tmp_path / "dynamic.onnx", b, input_spec=spec, batch=16)
+    e_fixed, _ = embed_pairs_with_info(tmp_path / "fixed.onnx", b, input_spec=spec, batch=16)
+    e_dyn, _ = embed_pairs_with_info(tmp_path / "dynamic.onnx", b, input_spec=spec, batch=16)
     np.testing.assert_allclose(e_fixed, e_dyn, atol=1e-6)
     # The image-level runner, as the photos commands use it: unit rows, all finite.
     emb, finite = embed_images(OnnxModel(tmp_path / "fixed.onnx"), b.decode_many(range(5)), spec, flip=True, batch=16)

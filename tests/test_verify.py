@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from pipeline.eval.embeddings import cache_key, embed_pairs, embed_pairs_with_info
+from pipeline.eval.embeddings import cache_key, embed_pairs_with_info
 from pipeline.runtime.session import OnnxModel
 from pipeline.stages.report import write_reports
 from pipeline.cli.app import app
@@ -196,8 +196,8 @@ def test_embeddings_do_not_depend_on_batching_or_a_fixed_batch(synth, tmp_path):
     b = read_bin(synth["lfw"])
     fixed = tmp_path / "fixed.onnx"
     face_model(fixed, seed=0, dynamic_batch=False)
-    e1 = embed_pairs(synth["fp32"], b, input_spec=SPEC, batch=7, pairs=10)
-    e2 = embed_pairs(fixed, b, input_spec=SPEC, batch=7, pairs=10)
+    e1, _ = embed_pairs_with_info(synth["fp32"], b, input_spec=SPEC, batch=7, pairs=10)
+    e2, _ = embed_pairs_with_info(fixed, b, input_spec=SPEC, batch=7, pairs=10)
     assert e1.shape == (20, 16)
     np.testing.assert_allclose(e1, e2, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(e1, axis=1), 1.0)

@@ -11,7 +11,7 @@ import numpy as np
 from pipeline.core.errors import UserError
 from pipeline.core.progress import NULL_PROGRESS, Progress
 from pipeline.eval import protocol
-from pipeline.eval.embeddings import embed_pairs
+from pipeline.eval.embeddings import embed_pairs_with_info
 
 if TYPE_CHECKING:
     from pipeline.recipe import InputSpec
@@ -28,7 +28,7 @@ def subset_pairs(num_pairs: int, eval_pairs: int, folds: int) -> int:
 
 
 class PairsFrom:
-    """The pairs of a verification set from pair ``start`` on, for :func:`pipeline.eval.embeddings.embed_pairs` (no cache)."""
+    """The pairs of a verification set from pair ``start`` on, for :func:`pipeline.eval.embeddings.embed_pairs_with_info` (no cache)."""
 
     def __init__(self, pairs_bin: Any, start: int) -> None:
         self._bin = pairs_bin
@@ -67,7 +67,7 @@ class Evaluator:
             raise UserError(f"recovery needs at least {folds} verification pairs to score accuracy; {pairs_bin.path} has {pairs}")
         n = self.confirm_pairs or pairs
         # The verify stage's cache key (same model, data, preprocessing, flip and pairs): verify reuses these.
-        self.fp32_emb = embed_pairs(
+        self.fp32_emb, _ = embed_pairs_with_info(
             fp32, pairs_bin, input_spec=spec, flip=flip, batch=batch, pairs=n, threads=threads, cache_dir=cache_dir, progress=self.progress
         )
         self.fp32 = protocol.evaluate(self.fp32_emb[0 : 2 * pairs : 2], self.fp32_emb[1 : 2 * pairs : 2], pairs_bin.issame[:pairs], folds=folds)
@@ -78,10 +78,11 @@ class Evaluator:
 
     def _embed(self, model: Path, start: int, stop: int) -> np.ndarray:
         view = self.bin if start == 0 else PairsFrom(self.bin, start)
-        return embed_pairs(
+        emb, _ = embed_pairs_with_info(
             model, view, input_spec=self.spec, flip=self.flip, batch=self.batch, pairs=stop - start, threads=self.threads,
             progress=self.progress,
         )
+        return emb
 
     def score(self, model: Path, *, confirm: bool = False) -> dict[str, Any]:
         """Accuracy, drop and embedding cosine to fp32 on the subset (or, with ``confirm``, the gate's set)."""

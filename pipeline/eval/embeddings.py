@@ -50,7 +50,7 @@ BATCH_COPY_MIN_COSINE = 0.99999
 
 
 class PairImages(Protocol):
-    """What :func:`embed_pairs` reads: images 2k and 2k+1 are pair k (a VerificationBin or a view of one).
+    """What :func:`embed_pairs_with_info` reads: images 2k and 2k+1 are pair k (a VerificationBin or a view of one).
 
     The embedding cache also needs the data's identity, ``sha256()``, which a view need not have.
     """
@@ -248,24 +248,6 @@ def _save_cache(path: Path, key: str, emb: np.ndarray) -> None:
         tmp.write_bytes(buf.getvalue())
 
 
-def embed_pairs(
-    model: ModelSource | OnnxModel,
-    source: PairImages,
-    *,
-    input_spec: InputSpec,
-    flip: bool = True,
-    batch: int = 16,
-    pairs: int | None = None,
-    cache_dir: Path | None = None,
-    threads: int | None = None,
-    progress: Progress | None = None,
-) -> np.ndarray:
-    """Protocol embeddings of the first ``pairs`` pairs (2 x pairs rows, float64); see :func:`embed_pairs_with_info`."""
-    return embed_pairs_with_info(
-        model, source, input_spec=input_spec, flip=flip, batch=batch, pairs=pairs, cache_dir=cache_dir, threads=threads, progress=progress
-    )[0]
-
-
 def embed_pairs_with_info(
     model: ModelSource | OnnxModel,
     source: PairImages,
@@ -281,7 +263,7 @@ def embed_pairs_with_info(
     runner: Callable[[], OnnxModel] | None = None,
     model_sha256: str | None = None,
 ) -> tuple[np.ndarray, EmbedInfo]:
-    """Protocol embeddings of the first ``pairs`` pairs' images (2 x pairs rows, float64).
+    """Protocol embeddings of the first ``pairs`` pairs' images (2 x pairs rows, float64), and how they were got.
 
     Row 2k / 2k+1 is pair k's first / second face (:func:`embed_images`).
     ``model``: a model file, a ModelProto or its bytes, or an open :class:`OnnxModel`.

@@ -9,7 +9,7 @@ import onnx
 
 from pipeline.data.bins import VerificationBin
 from pipeline.eval import protocol
-from pipeline.eval.embeddings import embed_pairs
+from pipeline.eval.embeddings import embed_pairs_with_info
 
 if TYPE_CHECKING:
     from pipeline.recipe import InputSpec
@@ -31,5 +31,5 @@ def pair_accuracy(
     with a fixed batch of 1 is run one image at a time.
     """
     n_pairs = pairs_bin.num_pairs if pairs is None else min(pairs, pairs_bin.num_pairs)
-    e = embed_pairs(model, pairs_bin, input_spec=spec, flip=flip, batch=batch, pairs=n_pairs)
+    e, _ = embed_pairs_with_info(model, pairs_bin, input_spec=spec, flip=flip, batch=batch, pairs=n_pairs)
     return protocol.evaluate(e[0::2], e[1::2], pairs_bin.issame[:n_pairs], folds=folds)
