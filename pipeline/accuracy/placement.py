@@ -2,8 +2,9 @@
 
 Whether int8 pays depends on the kernels a CPU has. On AVX2 without VNNI,
 onnxruntime's int8 depthwise convolutions (3x3, and the 1x1 ones that carry a
-rewritten PRelu) run about 2x slower than its fp32 NCHWc depthwise kernel,
-while int8 pointwise and full convolutions run 1.6-2x faster; with VNNI the
+rewritten PRelu) run slower than its fp32 NCHWc depthwise kernel, int8 Adds
+cost time that fp32 fuses into its convolutions, and int8 pointwise and full
+convolutions run 1.4-1.7x faster (benchmarks/RESULTS.md); with VNNI the
 balance differs. So placement measures rather than assumes: once accuracy is
 met (by the recipe's int8 or by recovery), the int8 model as built and
 variants that keep node groups in fp32 (:data:`CANDIDATES`) are timed against
