@@ -22,6 +22,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.files import sha256_file
 from pipeline.build.manifest import read_manifest, unexplained_differences, verify_manifest
 from pipeline.recipe import load_recipe, with_overrides
+from tests.recording import Logs
 from tests.synthdata import face_model, synthetic_bin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,21 +40,6 @@ calibration: {samples: 16}
 verify: {warmup: 1, rounds: 3, runs_per_round: 2, batch: 8, throughput_batch: 4}
 gate: {max_accuracy_drop: 100.0, min_speedup: 0.0}
 """
-
-
-class Logs:
-    """A Progress that records its notes."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def task(self, description, total=None, unit="it"):
-        from pipeline.core.progress import NULL_PROGRESS
-
-        return NULL_PROGRESS.task(description, total, unit)
-
-    def log(self, message: str) -> None:
-        self.lines.append(message)
 
 
 @pytest.fixture(scope="module")
