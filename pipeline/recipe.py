@@ -253,6 +253,7 @@ class GateSection(_Section):
     min_speedup: float = Field(1.0, description="Smallest allowed median int8 speedup over fp32 at batch 1 (on every CPU when min_speedup_by_class is null).")
     min_speedup_fastest_fp32: float | None = Field(
         None,
+        ge=0,
         description="When verify also times the user's model as given (--baseline; qpipe run does when convert rewrote the graph): "
         "the smallest allowed median int8 speedup over the fastest fp32 qpipe makes of it. null: the speed threshold that applies "
         "(min_speedup or the CPU class's), at most 1.0, so an int8 slower than the fp32 the build could ship instead fails wherever "

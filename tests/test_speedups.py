@@ -29,24 +29,10 @@ from pipeline.recipe import InputSpec, load_recipe, with_overrides
 from pipeline.runtime.graph import make_batch_dynamic
 from pipeline.runtime.session import OnnxModel
 from pipeline.stages import verify as verify_mod
+from tests.recording import Logs
 from tests.synthdata import INPUT_NAME, face_model, synthetic_bin
 
 SPEC = InputSpec(size=[32, 32])
-
-
-class Logs:
-    """A Progress that records its notes."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def task(self, description, total=None, unit="it"):
-        from pipeline.core.progress import NULL_PROGRESS
-
-        return NULL_PROGRESS.task(description, total, unit)
-
-    def log(self, message: str) -> None:
-        self.lines.append(message)
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +271,9 @@ def test_int8_slower_than_the_fastest_fp32_fails_the_gate_though_faster_than_the
     recipe.write_text(text + "gate: {min_speedup_fastest_fp32: 0.7}\n")
     r = CliRunner().invoke(app, common)
     assert r.exit_code == 1 and "below gate.min_speedup_fastest_fp32 0.70x" in r.output
+    recipe.write_text(text + "gate: {min_speedup_fastest_fp32: -1}\n")
+    r = CliRunner().invoke(app, common)
+    assert r.exit_code == 2 and "min_speedup_fastest_fp32" in r.output and "Traceback" not in r.output
 
 
 # --- qpipe run keeps the model as given when the rewrite changed the graph ---------------------------

@@ -4,7 +4,8 @@ Whether int8 pays depends on the kernels a CPU has. On AVX2 without VNNI,
 onnxruntime's int8 depthwise convolutions (3x3, and the 1x1 ones that carry a
 rewritten PRelu) run slower than its fp32 NCHWc depthwise kernel, int8 Adds
 cost time that fp32 fuses into its convolutions, and int8 pointwise and full
-convolutions run 1.4-1.7x faster (benchmarks/RESULTS.md); with VNNI the
+convolutions run 1.4-1.7x faster (measured on an AMD EPYC Zen 3, AVX2 only:
+benchmarks/RESULTS.md); with VNNI the
 balance differs. So placement measures rather than assumes: once accuracy is
 met (by the recipe's int8 or by recovery), the int8 model as built and
 variants that keep node groups in fp32 (:data:`CANDIDATES`) are timed against
