@@ -35,7 +35,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_path, require_file, sha256_file
 from pipeline.core.progress import NULL_PROGRESS, Progress
 from pipeline.data.preprocess import preprocess
-from pipeline.eval.protocol import flip_sum
+from pipeline.eval.protocol import cosine_rows, flip_sum
 from pipeline.recipe import InputSpec
 from pipeline.runtime.graph import load_model, make_batch_dynamic
 from pipeline.runtime.session import ModelSource, OnnxModel
@@ -44,9 +44,10 @@ from pipeline.runtime.session import ModelSource, OnnxModel
 CACHE_FORMAT = 1
 # Images decoded and preprocessed at once: bounds memory, independent of the model's batch.
 DECODE_CHUNK = 256
-# The batched copy of a batch-1 model must give every checked embedding at least this cosine to the single runs'
-# (the bar the convert stage's equivalence gate sets for a dynamic batch).
-BATCH_COPY_MIN_COSINE = 0.99999
+# Two graphs meant to compute the same function must agree to this cosine on every checked embedding: convert's
+# equivalence gate (convert.min_cosine's default), quantize's int8-form rewrites, the batched copy of a batch-1 model.
+SAME_FUNCTION_MIN_COSINE = 0.99999
+BATCH_COPY_MIN_COSINE = SAME_FUNCTION_MIN_COSINE
 
 
 class PairImages(Protocol):
@@ -182,6 +183,49 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     # Two all-zero rows agree; a NaN anywhere else does not.
     cos[(den == 0) & np.all(a64 == b64, axis=1)] = 1.0
     return np.nan_to_num(cos, nan=-1.0)
+
+
+# --- one model against another --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How closely a candidate model's embeddings follow a reference model's on the same inputs."""
+
+    cosines: np.ndarray  # one per input row; NaN where an output is not finite, 0 when the shapes differ
+    max_abs: float  # largest absolute difference of the raw outputs (inf when the shapes differ)
+
+    @property
+    def worst(self) -> float:
+        """The lowest cosine (NaN if any output was not finite)."""
+        return float(np.min(self.cosines)) if self.cosines.size and not np.isnan(self.cosines).any() else float("nan")
+
+    def holds(self, min_cosine: float) -> bool:
+        return bool(self.cosines.size) and bool(np.all(self.cosines >= min_cosine))
+
+
+def embed_each(model: OnnxModel, inputs: np.ndarray, advance: Callable[[int], None] | None = None) -> np.ndarray:
+    """Raw outputs of ``model`` for already preprocessed ``inputs``, one row per run (N x D).
+
+    One input per run, so a model exported for a batch of 1 runs as exported and
+    no batching takes part in a comparison of two models. ``advance(1)`` is called after each run.
+    """
+    outs = []
+    for i in range(len(inputs)):
+        outs.append(model.run(inputs[i : i + 1]).reshape(1, -1))
+        if advance is not None:
+            advance(1)
+    return np.concatenate(outs, axis=0) if outs else np.zeros((0, 0), np.float32)
+
+
+def agreement(want: np.ndarray, got: np.ndarray) -> Agreement:
+    """Row-by-row cosines and the largest absolute difference of two models' outputs on the same inputs."""
+    want = np.asarray(want).reshape(len(want), -1)
+    got = np.asarray(got).reshape(len(got), -1)
+    if want.shape != got.shape:
+        return Agreement(cosines=np.zeros(len(want)), max_abs=float("inf"))
+    diff = float(np.max(np.abs(want.astype(np.float64) - got))) if want.size else 0.0
+    return Agreement(cosines=cosine_rows(want, got), max_abs=diff)
 
 
 # --- verification pairs ----------------------------------------------------------------------------

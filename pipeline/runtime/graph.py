@@ -124,6 +124,20 @@ def skeleton(model: onnx.ModelProto, max_elements: int = 4096) -> onnx.ModelProt
     return sk
 
 
+def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor shape inference can tell (on a weightless copy: cheap for big models)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
+    except Exception:  # a graph shape inference cannot follow: ranks unknown, nodes kept
+        inferred = model
+    out: dict[str, int] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[vi.name] = len(t.shape.dim)
+    return out
+
+
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
     """Remove initializers no node or output reads (and their graph-input entries)."""
     graph = model.graph

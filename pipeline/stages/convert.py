@@ -36,7 +36,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pipeline.runtime import graph as onnxutil
-from pipeline.eval.protocol import cosine_rows
+from pipeline.eval.embeddings import agreement, embed_each
 from pipeline.runtime.session import OnnxModel
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_path
@@ -532,11 +532,10 @@ def _equivalence_gate(
     batch = BATCH_CHECK if dynamic_batch else 0
     with progress.task("equivalence gate", total=2 * n + (1 if batch else 0), unit="run") as t:
         ref = OnnxModel(reference_model, input_name=input_name, output_name=output_name, what=reference, nchw=False)
-        want = _run_each(ref, images, t)
+        want = embed_each(ref, images, t.advance)
         new = OnnxModel(result_path, input_name=input_name, output_name=output_name, what="converted model", nchw=False)
-        got = _run_each(new, images, t)
-        cos = cosine_rows(want, got)
-        diff = float(np.max(np.abs(want.astype(np.float64) - got))) if want.shape == got.shape else float("inf")
+        single = agreement(want, embed_each(new, images, t.advance))
+        cos, diff = single.cosines, single.max_abs
         if batch:
             reps = -(-batch // n)
             idx = np.tile(np.arange(n), reps)[:batch]
@@ -547,8 +546,9 @@ def _equivalence_gate(
             t.advance(1)
             if got_b.shape[0] != batch:
                 raise UserError(f"the converted model returned {got_b.shape[0]} embeddings for a batch of {batch}", hint=STATIC_HINT)
-            cos = np.concatenate([cos, cosine_rows(want[idx], got_b)])
-            diff = max(diff, float(np.max(np.abs(want[idx].astype(np.float64) - got_b))))
+            batched = agreement(want[idx], got_b)
+            cos = np.concatenate([cos, batched.cosines])
+            diff = max(diff, batched.max_abs)
     worst = float(np.min(cos)) if not np.isnan(cos).any() else float("nan")
     if not np.all(cos >= min_cosine):
         bad = int(np.sum(~(cos >= min_cosine)))
@@ -560,14 +560,6 @@ def _equivalence_gate(
             hint=STATIC_HINT if bool(np.all(cos[:n] >= min_cosine)) else None,
         )
     return {"worst": worst, "max_abs": diff, "cosines": [float(c) for c in cos], "batch": batch, "dynamic": dynamic_batch}
-
-
-def _run_each(model: OnnxModel, images: np.ndarray, task) -> np.ndarray:
-    outs = []
-    for i in range(len(images)):
-        outs.append(model.run(images[i : i + 1]))
-        task.advance(1)
-    return np.concatenate(outs, axis=0)
 
 
 def _first_line(e: BaseException) -> str:

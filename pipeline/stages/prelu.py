@@ -48,17 +48,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from pipeline.core.errors import UserError
-from pipeline.eval.protocol import cosine_rows
-from pipeline.runtime.session import OnnxModel
+from pipeline.runtime.graph import tensor_ranks
 
 FORMS = ("dwconv-pair", "fold-pair", "dwconv-min", "mul-pair")
 # The form convert writes, so quantize sees it too: as fast as dwconv-pair in fp32 and in int8 (the fastest
 # fp32 forms measured; dwconv-min is slower), quantizable whole, and one requantization fewer where a
 # depthwise Conv feeds the PRelu (`python benchmarks/models.py --models prelu512` measures it).
 DEFAULT_FORM = "fold-pair"
-# Same bar as convert's equivalence gate (convert.min_cosine's default).
-MIN_COSINE = 0.99999
 INT8_FORMS = ("dwconv-pair", "fold-pair", "mul-pair")  # every Relu reads a tensor nothing else reads
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -120,22 +116,6 @@ def channel_slopes(slope: np.ndarray, rank: int | None) -> np.ndarray | None:
     if all(d == 1 for i, d in enumerate(full) if i != 1):
         return slope.reshape(-1).astype(np.float32)
     return None
-
-
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Rank of every tensor shape inference can tell (on a weightless copy: cheap for big models)."""
-    from pipeline.runtime.graph import skeleton
-
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
-    except Exception:  # a graph shape inference cannot follow: ranks unknown, nodes kept
-        inferred = model
-    out: dict[str, int] = {}
-    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            out[vi.name] = len(t.shape.dim)
-    return out
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -262,7 +242,7 @@ def rewrite_prelu(
         return report
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    ranks = _ranks(model)
+    ranks = tensor_ranks(model)
     b = _Builder(model)
     folds = _foldable_producers(model, inits) if form == "fold-pair" else {}
     # An excluded producer keeps its name (an exclusion list names it), so it is not folded away.
@@ -346,28 +326,3 @@ def rewrite_prelu(
     if model.ir_version < 4:  # ir_version 3 wants every initializer listed as a graph input as well
         g.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in b.inits)
     return report
-
-
-def check_same_embeddings(
-    reference: onnx.ModelProto | bytes, rewritten: onnx.ModelProto | bytes, images: np.ndarray, *,
-    input_name: str, output_name: str | None = None, min_cosine: float = MIN_COSINE,
-) -> float:
-    """Run both models one image at a time; the worst embedding cosine, or a UserError below ``min_cosine``.
-
-    One image at a time, so a model with a fixed batch of 1 runs as it is.
-    """
-    def embed(model: onnx.ModelProto | bytes, what: str) -> np.ndarray:
-        m = OnnxModel(model, input_name=input_name, output_name=output_name, what=what)
-        return np.concatenate([m.run(images[i : i + 1]) for i in range(len(images))]).reshape(len(images), -1)
-
-    want = embed(reference, "fp32 model")
-    got = embed(rewritten, "fp32 model with PRelu rewritten")
-    cos = cosine_rows(want, got)
-    worst = float(np.min(cos)) if cos.size and not np.isnan(cos).any() else float("nan")
-    if not worst >= min_cosine:
-        raise UserError(
-            f"the PRelu rewrite changed the embeddings: worst cosine {worst:.7f} < {min_cosine} over {len(images)} "
-            "calibration faces; nothing was written",
-            hint="set quantization.prelu: keep in the recipe (or pass --prelu keep) to quantize PRelu as it is",
-        )
-    return worst

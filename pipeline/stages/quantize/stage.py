@@ -48,9 +48,11 @@ from pipeline.core.files import atomic_path, require_file, sha256_bytes, sha256_
 from pipeline.core.progress import NULL_PROGRESS, Progress
 from pipeline.data.bins import VerificationBin, open_images
 from pipeline.data.calibration import CalibrationData
-from pipeline.runtime.session import session
+from pipeline.runtime.session import OnnxModel, session
 from pipeline.data.preprocess import preprocess
-from pipeline.stages.prelu import PreluRewrite, check_same_embeddings, count_prelu, rewrite_prelu
+from pipeline.eval.embeddings import SAME_FUNCTION_MIN_COSINE, agreement, embed_each
+from pipeline.stages.batchnorm import BatchNormRewrite, rewrite_batchnorm, standalone_batchnorms
+from pipeline.stages.prelu import PreluRewrite, count_prelu, rewrite_prelu
 from pipeline.stages.quantize import inc, ort
 from pipeline.stages.quantize.checks import ModelFacts, check_exclusions, check_format, check_model, load_model
 from pipeline.stages.quantize.depthwise import merge_depthwise_weights
@@ -66,8 +68,8 @@ if TYPE_CHECKING:
 MANIFEST_SCHEMA = "qpipe.quantize-manifest/1"
 
 ENGINES: dict[str, Engine] = {"inc": inc.ENGINE, "ort": ort.ENGINE}
-# Calibration faces run through the model before and after its PRelu rewrite (convert's gate runs 8 too).
-PRELU_CHECK_FACES = 8
+# Calibration faces run through the model before and after its int8-form rewrites (convert's gate runs 8 too).
+FORMS_CHECK_FACES = 8
 
 
 @dataclass
@@ -92,6 +94,8 @@ class QuantizeResult:
     weights: dict[str, Any] = field(default_factory=dict)  # reduce_range and how many depthwise convs kept 8-bit weights
     # Set when PRelu nodes were rewritten into the int8 form before quantizing: what changed and the check it passed.
     prelu: dict[str, Any] | None = None
+    # Set when BatchNormalization nodes no Conv absorbs became 1x1 depthwise Convs: what changed and the same check.
+    batchnorm: dict[str, Any] | None = None
     # Set when accuracy recovery ran: what it repaired, kept in fp32, measured.
     recovery: dict[str, Any] | None = None
     # Set when speed-aware placement ran: the candidates it timed and where each node ended up.
@@ -104,7 +108,8 @@ class QuantizeResult:
 
         Keys: schema, stage, engine, format, weights, files (source, converted, int8,
         calibration with sha256), calibration (with the indices), recipe, recipe_sha256,
-        op_counts, prelu (the PRelu rewrite before quantizing, or None), tuning, warnings, environment, timing, created.
+        op_counts, prelu and batchnorm (the rewrites into int8 forms before quantizing, or None), tuning, warnings,
+        environment, timing, created.
         """
         return copy.deepcopy(self.record)
 
@@ -116,8 +121,9 @@ class QuantizeResult:
 
     def summary(self) -> list[str]:
         lines = []
-        if self.prelu:
-            lines.append(f"PRelu: {self.prelu['summary']} (worst cosine {self.prelu['worst_cosine']:.7f} over {self.prelu['faces']} faces)")
+        for label, done in (("PRelu", self.prelu), ("BatchNormalization", self.batchnorm)):
+            if done:
+                lines.append(f"{label}: {done['summary']} (worst cosine {done['worst_cosine']:.7f} over {done['faces']} faces)")
         for kind in ("int8", "fp32"):
             counts = self.op_counts.get(kind, {})
             if counts:
@@ -156,20 +162,24 @@ def quantize(
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         proto = load_model(model_path, "fp32 model")
-        original = proto.SerializeToString() if scheme.prelu_form and count_prelu(proto) else None
-        prelu = _express_prelu(proto, model_path, scheme, q) if original is not None else None
+        original = proto.SerializeToString() if _has_int8_forms(proto, scheme, q) else None
+        prelu, batchnorm = _express_int8_forms(proto, model_path, scheme, q) if original is not None else (None, None)
         facts = check_model(proto, model_path, input_spec, calibration)
-        rewritten = proto.SerializeToString() if prelu is not None else None
+        rewritten = proto.SerializeToString() if prelu is not None or batchnorm is not None else None
         del proto
         warnings = check_exclusions(facts, model_path, q)
 
         source = open_images(job.calib)
         data = CalibrationData.from_section(source, input_spec, calibration, facts.input_name)
         prelu_record: dict[str, Any] | None = None
-        if prelu is not None and rewritten is not None and original is not None:
-            faces = preprocess(source.decode_many(data.indices[:PRELU_CHECK_FACES]), input_spec)
-            worst = check_same_embeddings(original, rewritten, faces, input_name=facts.input_name, output_name=facts.output_name)
-            prelu_record = {**prelu.to_dict(), "summary": prelu.summary(), "worst_cosine": worst, "faces": len(faces)}
+        batchnorm_record: dict[str, Any] | None = None
+        if rewritten is not None and original is not None:
+            faces = preprocess(source.decode_many(data.indices[:FORMS_CHECK_FACES]), input_spec)
+            check = {"worst_cosine": _check_int8_forms(original, rewritten, faces, facts, prelu, batchnorm), "faces": len(faces)}
+            if prelu is not None:
+                prelu_record = {**prelu.to_dict(), "summary": prelu.summary(), **check}
+            if batchnorm is not None:
+                batchnorm_record = {**batchnorm.to_dict(), "summary": batchnorm.summary(), **check}
         del original
         # Decode the chosen images up front: a corrupt one is then our one-line error naming its
         # index, not an exception inside the engine (INC prints its own traceback for those).
@@ -199,7 +209,7 @@ def quantize(
         try:
             if rewritten is not None:
                 # The engines read a file: the rewritten graph goes to the scratch directory, removed afterwards.
-                engine_input = work / "fp32-prelu-int8-form.onnx"
+                engine_input = work / "fp32-int8-forms.onnx"
                 engine_input.write_bytes(rewritten)
                 del rewritten
             if split:
@@ -259,6 +269,7 @@ def quantize(
         "recipe_sha256": settings_sha,
         "op_counts": op_counts,
         "prelu": prelu_record,
+        "batchnorm": batchnorm_record,
         "tuning": run.tuning,
         "warnings": warnings,
         "environment": environment(),
@@ -285,25 +296,59 @@ def quantize(
         tuning=run.tuning,
         weights=weights,
         prelu=prelu_record,
+        batchnorm=batchnorm_record,
         record=record,
     )
 
 
-def _express_prelu(model: "onnx.ModelProto", path: Path, scheme: QuantScheme, q: "QuantizationSection") -> PreluRewrite | None:
-    """Rewrite the PRelu nodes of ``model`` in place into the scheme's int8 form; None when nothing changed.
+def _has_int8_forms(model: "onnx.ModelProto", scheme: QuantScheme, q: "QuantizationSection") -> bool:
+    """Whether :func:`_express_int8_forms` would have anything to rewrite in ``model``."""
+    prelu = scheme.prelu_form is not None and "PRelu" not in q.op_types_to_exclude and count_prelu(model) > 0
+    return prelu or ("BatchNormalization" not in q.op_types_to_exclude and bool(standalone_batchnorms(model)))
 
-    A PRelu the recipe keeps in fp32 (by name, or PRelu among the excluded op
-    types) stays as it is. Weights stored outside the model file are read in
-    first: the rewritten copy is written elsewhere.
+
+def _express_int8_forms(
+    model: "onnx.ModelProto", path: Path, scheme: QuantScheme, q: "QuantizationSection"
+) -> tuple[PreluRewrite | None, BatchNormRewrite | None]:
+    """Rewrite, in place, what has no int8 kernel into ops that have one: PRelu, then lone BatchNormalization.
+
+    Each part is None when it changed nothing. A node the recipe keeps in fp32 (by
+    name, or its op type among the excluded ones) stays as it is. Weights stored
+    outside the model file are read in first: the rewritten copy is written elsewhere.
     """
-    if "PRelu" in q.op_types_to_exclude or scheme.prelu_form is None:
-        return None
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         from onnx.external_data_helper import load_external_data_for_model
 
         load_external_data_for_model(model, str(path.parent))
-    done = rewrite_prelu(model, scheme.prelu_form, exclude=set(q.nodes_to_exclude))
-    return done if done.changed else None
+    exclude = set(q.nodes_to_exclude)
+    prelu = None
+    if scheme.prelu_form is not None and "PRelu" not in q.op_types_to_exclude:
+        prelu = rewrite_prelu(model, scheme.prelu_form, exclude=exclude)
+    batchnorm = rewrite_batchnorm(model, exclude=exclude) if "BatchNormalization" not in q.op_types_to_exclude else None
+    return (prelu if prelu is not None and prelu.changed else None), (batchnorm if batchnorm is not None and batchnorm.changed else None)
+
+
+def _check_int8_forms(
+    original: bytes, rewritten: bytes, faces: np.ndarray, facts: ModelFacts, prelu: PreluRewrite | None, batchnorm: BatchNormRewrite | None
+) -> float:
+    """The worst embedding cosine of the rewritten model to the original on ``faces``; a UserError below SAME_FUNCTION_MIN_COSINE."""
+    names = {"input_name": facts.input_name, "output_name": facts.output_name}
+    want = embed_each(OnnxModel(original, what="fp32 model", **names), faces)
+    got = embed_each(OnnxModel(rewritten, what="fp32 model in int8 forms", **names), faces)
+    result = agreement(want, got)
+    if not result.holds(SAME_FUNCTION_MIN_COSINE):
+        what = " and ".join(w for w, done in (("PRelu", prelu), ("BatchNormalization", batchnorm)) if done is not None)
+        hints = []
+        if prelu is not None:
+            hints.append("set quantization.prelu: keep (or pass --prelu keep)")
+        if batchnorm is not None:
+            hints.append("add BatchNormalization to quantization.op_types_to_exclude")
+        raise UserError(
+            f"the {what} rewrite changed the embeddings: worst cosine {result.worst:.7f} < {SAME_FUNCTION_MIN_COSINE} "
+            f"over {len(faces)} calibration faces; nothing was written",
+            hint=" or ".join(hints) + " to quantize them as they are",
+        )
+    return result.worst
 
 
 def _file_entry(path: Path | None, sha: str | None = None) -> dict[str, Any] | None:
