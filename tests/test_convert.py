@@ -524,12 +524,8 @@ def test_cli_synth_model_writes_the_model_and_rejects_unknown_depth(tmp_path: Pa
 
 
 # --- the real model (../shared) ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def real_converted(tmp_path_factory, shared_model, shared_lfw) -> convert_mod.ConvertResult:
-    out = tmp_path_factory.mktemp("real") / "mobilefacenet-opset11.onnx"
-    return convert(shared_model, out, data=shared_lfw, dynamic_batch=True, samples=16)
+#
+# real_converted (tests/conftest.py): convert(shared model, data=lfw.bin, samples=16), made once for every test file.
 
 
 def test_real_mobilefacenet_converts_with_worst_cosine_on_real_faces(real_converted):
