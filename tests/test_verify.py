@@ -411,61 +411,81 @@ def test_cli_exit_2_on_input_errors(synth, tmp_path):
 
 # --- real faces (../shared) --------------------------------------------------------
 #
-# The converted MobileFaceNet (pipeline.stages.convert, opset 11, dynamic batch) and an int8 of it made
-# here with onnxruntime's quantize_static (independent of pipeline.stages.quantize.stage). fp32 embeddings are
+# The converted MobileFaceNet (tests/conftest.py: pipeline.stages.convert, opset 11, dynamic batch).
+# The whole-set check verifies it against the int8 the quantize stage makes with the shipped recipe
+# (one verify run shared with test_quantize.py); the first-fold check against an int8 made here with
+# onnxruntime's quantize_static (independent of pipeline.stages.quantize.stage). fp32 embeddings are
 # cached in pytest's cache directory, keyed by model and data hash like any verify cache.
 
 REAL_SPEC = InputSpec()
 
 
 @pytest.fixture(scope="session")
-def real(shared_model, shared_lfw, tmp_path_factory, request):
-    from pipeline.stages.convert import convert
+def real(real_converted, shared_lfw, real_embedding_cache, tmp_path_factory):
     from pipeline.data.bins import read_bin
     from pipeline.data.preprocess import preprocess
 
     d = tmp_path_factory.mktemp("real")
-    fp32 = d / "mobilefacenet-opset11.onnx"
-    convert(shared_model, fp32, opset=11, dynamic_batch=True)
     b = read_bin(shared_lfw)
     calib = preprocess(b.decode_many(np.arange(0, 12000, 375)), REAL_SPEC)  # 32 faces from every fold
-    int8 = _ort_int8(fp32, d / "mobilefacenet-int8.onnx", calib)
-    # pytest's cache survives between runs (a fresh clone pays once); without it, a temporary directory.
-    store = getattr(request.config, "cache", None)
-    cache = Path(store.mkdir("qpipe-verify-embeddings")) if store is not None else d / "cache"
-    return {"fp32": fp32, "int8": int8, "lfw": shared_lfw, "cache": cache}
+    int8 = _ort_int8(real_converted.output, d / "mobilefacenet-int8.onnx", calib)
+    return {"fp32": real_converted.output, "int8": int8, "lfw": shared_lfw, "cache": real_embedding_cache}
 
 
+@pytest.mark.slow
+def test_real_lfw_full_6000_pairs_reproduces_fp32_99_55(real_lfw_verify):
+    # 24,000 forward passes per model (image + flip for 12,000 faces); fp32 is cached after the first run.
+    r = real_lfw_verify["cli"]
+    assert r.exit_code == 0, r.output
+    report = json.loads((real_lfw_verify["report"] / "report.json").read_text())
+    lfw = report["data"]["lfw"]
+    assert lfw["pairs"] == 6000 and not lfw["subset"]
+    assert round(report["fp32"]["accuracy"], 2) == 99.55
+    assert round(report["fp32"]["accuracy_std"], 2) == 0.26
+    assert report["int8"]["accuracy"] > 99.0
+
+
+def _seed_first_pairs(cache: Path, fp32: Path, lfw: Path, pairs: int, into: Path) -> bool:
+    """Cache the fp32 embeddings of the first ``pairs`` pairs in ``into``, cut from a cached whole-set run in ``cache``.
+
+    verify caches per pair count; the whole set's first rows are embeddings of the same images, so
+    once the whole set ran they need not be embedded again. False: nothing cached to cut from (the
+    whole-set check deselected and no earlier run).
+    """
+    from pipeline.core.files import sha256_file
+    from pipeline.data.bins import read_bin
+    from pipeline.eval.embeddings import cache_file, cache_key
+
+    b = read_bin(lfw)
+    kw = dict(model_sha256=sha256_file(fp32), data_sha256=b.sha256(), input_spec=REAL_SPEC, flip=True)
+    whole = cache_file(cache, cache_key(**kw, pairs=b.num_pairs))
+    if not whole.is_file():
+        return False
+    with np.load(whole, allow_pickle=False) as z:
+        emb = np.array(z["embeddings"][: 2 * pairs])
+    key = cache_key(**kw, pairs=pairs)
+    into.mkdir(parents=True, exist_ok=True)
+    np.savez(cache_file(into, key), key=np.array(key), embeddings=emb)
+    return True
+
+
+# After the whole-set check in this file, whose cached fp32 embeddings it starts from.
 def test_real_lfw_first_fold_int8_equals_an_independent_evaluation(real, tmp_path):
     # Pairs 0-599 are LFW's first fold: 300 same and 300 different pairs.
+    cache = tmp_path / "cache"
+    seeded = _seed_first_pairs(real["cache"], real["fp32"], real["lfw"], 600, cache)
     res = verify(
         real["fp32"], real["int8"], [real["lfw"]], input_spec=REAL_SPEC,
         verify=VerifySection(pairs=600, rounds=4, warmup=2, runs_per_round=2, throughput_batch=8, batch=32),
-        gate=EASY_GATE, cache_dir=real["cache"],
+        gate=EASY_GATE, cache_dir=cache if seeded else real["cache"],
     )
     write_reports(res, tmp_path / "rep")
     d = res.datasets[0]
+    if seeded:
+        assert d.fp32.cached  # the cut rows read as verify's own cache: no fp32 forward pass here
     assert d.subset and d.pairs == 600
     assert d.fp32.metrics.accuracy > 98.0 and d.fp32.metrics.roc_auc > 0.99
     acc, std = independent_accuracy(real["int8"], real["lfw"], pairs=600)
     assert d.int8.metrics.accuracy == pytest.approx(acc, abs=0.01)
     assert d.int8.metrics.accuracy_std == pytest.approx(std, abs=0.01)
     assert (tmp_path / "rep" / "report.png").is_file()
-
-
-@pytest.mark.slow
-def test_real_lfw_full_6000_pairs_reproduces_fp32_99_55(real, tmp_path):
-    # 24,000 forward passes per model (image + flip for 12,000 faces); fp32 is cached after the first run.
-    r = CliRunner().invoke(
-        app,
-        ["verify", "--fp32", str(real["fp32"]), "--int8", str(real["int8"]), "--data", str(real["lfw"]),
-         "--report", str(tmp_path / "rep"), "--cache-dir", str(real["cache"]), "--rounds", "10", "-q",
-         "--min-speedup", "0", "--max-accuracy-drop", "100"],
-    )
-    assert r.exit_code == 0, r.output
-    report = json.loads((tmp_path / "rep" / "report.json").read_text())
-    lfw = report["data"]["lfw"]
-    assert lfw["pairs"] == 6000 and not lfw["subset"]
-    assert round(report["fp32"]["accuracy"], 2) == 99.55
-    assert round(report["fp32"]["accuracy_std"], 2) == 0.26
-    assert report["int8"]["accuracy"] > 99.0
