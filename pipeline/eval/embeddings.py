@@ -162,27 +162,14 @@ def batch_runner(
     except UserError as e:
         progress.log(f"note: a batched copy of {model.what} does not run ({e}); embedding one image per pass")
         return model
-    cos = _row_cosines(single, batched)
-    if single.shape != batched.shape or not np.all(cos >= BATCH_COPY_MIN_COSINE):
-        worst = float(np.nanmin(cos)) if cos.size else float("nan")
+    same = agreement(single, batched)
+    if not same.holds(BATCH_COPY_MIN_COSINE):
         progress.log(
             f"note: a batched copy of {model.what} does not reproduce its single-image embeddings "
-            f"(worst cosine {worst:.6f} < {BATCH_COPY_MIN_COSINE}); embedding one image per pass"
+            f"(worst cosine {same.worst:.6f} < {BATCH_COPY_MIN_COSINE}); embedding one image per pass"
         )
         return model
     return copy
-
-
-def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    if a.shape != b.shape:
-        return np.zeros(0)
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.sum(a64 * b64, axis=1) / den
-    # Two all-zero rows agree; a NaN anywhere else does not.
-    cos[(den == 0) & np.all(a64 == b64, axis=1)] = 1.0
-    return np.nan_to_num(cos, nan=-1.0)
 
 
 # --- one model against another --------------------------------------------------------------------
