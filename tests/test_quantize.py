@@ -142,7 +142,7 @@ def test_same_inputs_and_recipe_give_the_same_int8_bytes(material: dict[str, Pat
 
 MANIFEST_KEYS = {
     "schema", "stage", "engine", "format", "weights", "files", "calibration", "recipe", "recipe_sha256",
-    "op_counts", "prelu", "tuning", "warnings", "environment", "timing", "created",
+    "op_counts", "prelu", "batchnorm", "tuning", "warnings", "environment", "timing", "created",
 }
 
 

@@ -124,6 +124,42 @@ def test_a_batch_one_int8_model_gets_a_faithful_batched_copy(data, tmp_path):
     np.testing.assert_allclose(batched, single, rtol=0, atol=1e-6)
 
 
+class _NoBytes:
+    """The same pairs without ``encoded``: every row is embedded."""
+
+    def __init__(self, b) -> None:
+        self._b, self.path, self.num_pairs = b, b.path, b.num_pairs
+
+    def decode_many(self, idx):
+        return self._b.decode_many(idx)
+
+
+def test_an_image_repeated_across_pairs_is_embedded_once_and_its_rows_agree(data, tmp_path):
+    from pipeline.data.bins import write_bin
+    from tests.synthdata import synthetic_pairs
+
+    images, issame = synthetic_pairs(12, size=(32, 32))
+    for dup, orig in ((4, 0), (9, 0), (13, 2), (23, 17)):  # as LFW: one photo in several pairs
+        images[dup] = images[orig]
+    b = read_bin(write_bin(tmp_path / "dups.bin", images, issame))
+    distinct, copy_of = E.distinct_images(b, len(images))
+    assert len(distinct) == len(images) - 4 and list(distinct[copy_of[[4, 9, 13, 23]]]) == [0, 0, 2, 17]
+    passes: list[int] = []
+    model = OnnxModel(data["static"], input_name=SPEC.name)
+    real_run = model.run
+
+    def counted(x, *a, **kw):
+        passes.append(len(x))
+        return real_run(x, *a, **kw)
+
+    model.run = counted  # type: ignore[method-assign]
+    once, info = E.embed_pairs_with_info(model, b, input_spec=SPEC, batch=1)
+    assert sum(passes) == 2 * (len(images) - 4) and info.nonfinite == 0  # each distinct image and its flip
+    every, _ = E.embed_pairs_with_info(OnnxModel(data["static"], input_name=SPEC.name), _NoBytes(b), input_spec=SPEC, batch=1)
+    np.testing.assert_array_equal(once, every)
+    np.testing.assert_array_equal(once[4], once[0])
+
+
 @pytest.mark.parametrize("make,why", [(_unbatchable, "cannot be made dynamic"), (_batch_mixing, "does not reproduce")])
 def test_a_model_without_a_faithful_batched_copy_falls_back_to_single_runs(data, tmp_path, make, why):
     model = make(tmp_path / "m.onnx")

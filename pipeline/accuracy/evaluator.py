@@ -40,6 +40,9 @@ class PairsFrom:
     def decode_many(self, idx: Sequence[int]) -> np.ndarray:
         return self._bin.decode_many([int(i) + self._offset for i in idx])
 
+    def encoded(self, i: int) -> bytes:
+        return self._bin.encoded(int(i) + self._offset)
+
 
 class Evaluator:
     """fp32 vs candidate accuracy (insightface protocol) on the first ``pairs`` pairs, and on the first

@@ -6,7 +6,8 @@ batches it accepts (:meth:`pipeline.runtime.session.OnnxModel.run`: a fixed
 batch of 1 is run one image at a time, a dynamic batch ``batch`` images at a
 time) and, with ``flip``, summed with the embeddings of their mirror images
 before L2 normalisation, as insightface does. Verification pairs are embedded
-chunk by chunk, so a whole set never exists as float32 at once, and the
+chunk by chunk, so a whole set never exists as float32 at once; an image that
+appears in several pairs (its encoded bytes repeat) is embedded once. The
 result can be cached on disk (one ``.npz`` per model x data x preprocessing x
 flip x pairs), so a second int8 candidate only pays for its own forward passes.
 
@@ -53,7 +54,8 @@ BATCH_COPY_MIN_COSINE = SAME_FUNCTION_MIN_COSINE
 class PairImages(Protocol):
     """What :func:`embed_pairs_with_info` reads: images 2k and 2k+1 are pair k (a VerificationBin or a view of one).
 
-    The embedding cache also needs the data's identity, ``sha256()``, which a view need not have.
+    The embedding cache also needs the data's identity, ``sha256()``, which a view need not have;
+    ``encoded(i)`` (an image's file bytes), where a source has it, lets a repeated image be embedded once.
     """
 
     path: Path
@@ -279,6 +281,30 @@ def _save_cache(path: Path, key: str, emb: np.ndarray) -> None:
         tmp.write_bytes(buf.getvalue())
 
 
+def distinct_images(source: Any, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows to embed among the first ``rows`` images, and for each row the position of its embedding among them.
+
+    A verification set repeats images across pairs (LFW's 12,000 rows hold 7,701
+    distinct faces): a row whose encoded bytes equal an earlier row's decodes to
+    the same pixels, so it takes that row's embedding instead of another forward
+    pass. A source that cannot give its encoded bytes (``encoded(i)``) has every row embedded.
+    """
+    encoded = getattr(source, "encoded", None)
+    if encoded is None:
+        every = np.arange(rows)
+        return every, every
+    first: dict[bytes, int] = {}
+    distinct: list[int] = []
+    copy_of = np.empty(rows, dtype=np.int64)
+    for i in range(rows):
+        digest = hashlib.blake2b(encoded(i), digest_size=16).digest()
+        if digest not in first:
+            first[digest] = len(distinct)
+            distinct.append(i)
+        copy_of[i] = first[digest]
+    return np.asarray(distinct, dtype=np.int64), copy_of
+
+
 def embed_pairs_with_info(
     model: ModelSource | OnnxModel,
     source: PairImages,
@@ -296,7 +322,8 @@ def embed_pairs_with_info(
 ) -> tuple[np.ndarray, EmbedInfo]:
     """Protocol embeddings of the first ``pairs`` pairs' images (2 x pairs rows, float64), and how they were got.
 
-    Row 2k / 2k+1 is pair k's first / second face (:func:`embed_images`).
+    Row 2k / 2k+1 is pair k's first / second face (:func:`embed_images`); rows of one repeated
+    image share its one embedding (:func:`distinct_images`).
     ``model``: a model file, a ModelProto or its bytes, or an open :class:`OnnxModel`.
     ``batch``: images per forward pass when the model's batch is dynamic; a model
     with a fixed batch of 1 is run through a checked dynamic-batch copy
@@ -341,11 +368,12 @@ def embed_pairs_with_info(
     else:
         session = open_model(model, input_spec, threads=threads)
     views = 2 if flip else 1
+    distinct, copy_of = distinct_images(source, rows)
     parts: list[np.ndarray] = []
-    nonfinite = 0
-    with progress.task(f"embedding {label or name}", total=rows * views, unit="img") as task:
-        for start in range(0, rows, DECODE_CHUNK):
-            idx = np.arange(start, min(rows, start + DECODE_CHUNK))
+    finite_parts: list[np.ndarray] = []
+    with progress.task(f"embedding {label or name}", total=len(distinct) * views, unit="img") as task:
+        for start in range(0, len(distinct), DECODE_CHUNK):
+            idx = distinct[start : start + DECODE_CHUNK]
             imgs = source.decode_many(idx)
             if start == 0:
                 session = batch_runner(
@@ -353,9 +381,10 @@ def embed_pairs_with_info(
                 )
             emb, finite = embed_images(session, imgs, input_spec, flip=flip, batch=batch)
             task.advance(len(idx) * views)
-            nonfinite += int(np.sum(~finite))
             parts.append(emb)
-    emb = np.concatenate(parts)
+            finite_parts.append(finite)
+    emb = np.concatenate(parts)[copy_of]
+    nonfinite = int(np.sum(~np.concatenate(finite_parts)[copy_of]))
     if file is not None and key is not None and nonfinite == 0:
         _save_cache(file, key, emb)
     return emb, EmbedInfo(cached=False, seconds=time.perf_counter() - t0, nonfinite=nonfinite, cache_file=str(file) if file else None)
