@@ -8,6 +8,7 @@ see raw protobuf exceptions. Running a model is :mod:`pipeline.runtime.session`.
 from __future__ import annotations
 
 import os
+from typing import Collection
 
 import numpy as np
 import onnx
@@ -138,11 +139,17 @@ def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def drop_unused_initializers(model: onnx.ModelProto) -> None:
-    """Remove initializers no node or output reads (and their graph-input entries)."""
+def nodes_and_reasons(reasons: dict[str, str], shown: int = 3) -> str:
+    """``node: why; node: why; ...`` for the first ``shown`` nodes of a rewrite's report of what it left alone."""
+    text = "; ".join(f"{k}: {v}" for k, v in list(reasons.items())[:shown])
+    return text + ("; ..." if len(reasons) > shown else "")
+
+
+def drop_unused_initializers(model: onnx.ModelProto, only: Collection[str] | None = None) -> None:
+    """Remove initializers no node or output reads (and their graph-input entries); with ``only``, just those named there."""
     graph = model.graph
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
+    keep = [t for t in graph.initializer if t.name in used or (only is not None and t.name not in only)]
     if len(keep) != len(graph.initializer):
         kept = {t.name for t in keep}
         dropped = {t.name for t in graph.initializer} - kept

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from pipeline.runtime.graph import graph_links, tensor_ranks
+from pipeline.runtime.graph import drop_unused_initializers, graph_links, nodes_and_reasons, tensor_ranks
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -49,8 +49,7 @@ class BatchNormRewrite:
         if self.rewritten:
             parts.append(f"{len(self.rewritten)} BatchNormalization without a Conv before it -> 1x1 depthwise Conv")
         if self.kept:
-            shown = "; ".join(f"{k}: {v}" for k, v in list(self.kept.items())[:3])
-            parts.append(f"{len(self.kept)} kept ({shown}{'; ...' if len(self.kept) > 3 else ''})")
+            parts.append(f"{len(self.kept)} kept ({nodes_and_reasons(self.kept)})")
         return ", ".join(parts) or "no BatchNormalization to rewrite"
 
     def to_dict(self) -> dict:
@@ -142,15 +141,7 @@ def rewrite_batchnorm(model: onnx.ModelProto, *, exclude: Collection[str] = ()) 
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)
     # Parameters no node reads any more go, with the graph-input entries old exports give them.
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    dead = {p for p in replaced if p not in used}
-    if dead:
-        kept_inits = [t for t in g.initializer if t.name not in dead]
-        del g.initializer[:]
-        g.initializer.extend(kept_inits)
-        ins = [i for i in g.input if i.name not in dead]
-        del g.input[:]
-        g.input.extend(ins)
+    drop_unused_initializers(model, only=replaced)
     if model.ir_version < 4:  # ir_version 3 wants every initializer listed as a graph input as well
         g.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in new_inits)
     return report

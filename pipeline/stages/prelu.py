@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from pipeline.runtime.graph import tensor_ranks
+from pipeline.runtime.graph import drop_unused_initializers, nodes_and_reasons, tensor_ranks
 
 FORMS = ("dwconv-pair", "fold-pair", "dwconv-min", "mul-pair")
 # The form convert writes, so quantize sees it too: as fast as dwconv-pair in fp32 and in int8 (the fastest
@@ -84,8 +84,7 @@ class PreluRewrite:
         if self.leaky:
             parts.append(f"{len(self.leaky)} PRelu with one slope -> LeakyRelu")
         if self.kept:
-            shown = "; ".join(f"{k}: {v}" for k, v in list(self.kept.items())[:3])
-            parts.append(f"{len(self.kept)} PRelu kept ({shown}{'; ...' if len(self.kept) > 3 else ''})")
+            parts.append(f"{len(self.kept)} PRelu kept ({nodes_and_reasons(self.kept)})")
         return ", ".join(parts) or "no PRelu"
 
     def to_dict(self) -> dict:
@@ -309,15 +308,7 @@ def rewrite_prelu(
     g.node.extend(new_nodes)
     g.initializer.extend(b.inits)
     # Slopes and folded weights no node reads any more go, with the graph-input entry old exports give them.
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    dead = {s for s in replaced if s not in used}
-    if dead:
-        keep_inits = [t for t in g.initializer if t.name not in dead]
-        del g.initializer[:]
-        g.initializer.extend(keep_inits)
-        ins = [i for i in g.input if i.name not in dead]
-        del g.input[:]
-        g.input.extend(ins)
+    drop_unused_initializers(model, only=replaced)
     # Shapes recorded for the replaced tensors may no longer hold; shape inference fills them in again.
     stale = {o for n in g.node for o in n.output}
     vis = [v for v in g.value_info if v.name in stale]
