@@ -307,6 +307,11 @@ def test_int8_slower_than_the_fastest_fp32_fails_the_gate_though_faster_than_the
     recipe.write_text(text + "gate: {min_speedup_fastest_fp32: 0.7}\n")
     r = CliRunner().invoke(app, common)
     assert r.exit_code == 1 and "below gate.min_speedup_fastest_fp32 0.70x" in r.output
+    # A median just under its limit is printed with the decimals that show it is under, never as "0.67x below 0.67x".
+    recipe.write_text(text + "gate: {min_speedup_fastest_fp32: 0.667}\n")
+    r = CliRunner().invoke(app, [*common, "--report", str(tmp_path / "rep2")])
+    assert r.exit_code == 1 and "0.6667x (IQR" in r.output and "below gate.min_speedup_fastest_fp32 0.6670x" in r.output, r.output
+    assert "| speedup over the fastest fp32 | 0.6667x | >= 0.6670x | FAIL |" in (tmp_path / "rep2" / "report.md").read_text()
     recipe.write_text(text + "gate: {min_speedup_fastest_fp32: -1}\n")
     r = CliRunner().invoke(app, common)
     assert r.exit_code == 2 and "min_speedup_fastest_fp32" in r.output and "Traceback" not in r.output

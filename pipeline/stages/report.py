@@ -6,11 +6,12 @@ measured. All three files are written atomically.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 import numpy as np
 
 from pipeline.core.files import atomic_path, atomic_write_json, atomic_write_text
-from pipeline.stages.verify import VerifyResult
+from pipeline.stages.verify import VerifyResult, against_limit
 
 REPORT_FILES = ("report.json", "report.md", "report.png")
 
@@ -142,7 +143,8 @@ def markdown(result: VerifyResult) -> str:
         if c["check"] == "accuracy":
             out.append(f"| accuracy drop, {c['data_set']}{' (subset)' if c.get('subset') else ''} | {_f(c['drop'])} points | <= {c['limit']:.2f} | {'pass' if c['passed'] else 'FAIL'} |")
         elif c["check"] == "speedup":
-            out.append(f"| speedup over {c.get('over', 'fp32')} | {_f(c['speedup'])}x | >= {c['limit']:.2f}x | {'pass' if c['passed'] else 'FAIL'} |")
+            got, need = against_limit(c["speedup"], c["limit"]) if c["speedup"] is not None and math.isfinite(c["speedup"]) else (_f(c["speedup"]), f"{c['limit']:.2f}")
+            out.append(f"| speedup over {c.get('over', 'fp32')} | {got}x | >= {need}x | {'pass' if c['passed'] else 'FAIL'} |")
         else:
             out.append(f"| finite embeddings, {c['data_set']} {c['model']} | {c['nonfinite']} non-finite | 0 | FAIL |")
     versions = result.environment.get("versions", {})
