@@ -9,7 +9,8 @@ QuantizeLinear, with a layout Transpose on each side. At inference a
 BatchNormalization is ``y = s * x + t`` per channel (``s = scale / sqrt(var + eps)``,
 ``t = B - mean * s``), which is exactly a 1x1 depthwise Conv with weight ``s`` and
 bias ``t``; quantized, that Conv keeps the int8 chain unbroken, and its one
-weight per channel is represented exactly by per-channel int8 scales.
+weight per channel is the whole of its per-channel int8 range (no weight rounding
+beyond float rounding of the scale).
 onnxruntime's fp32 NCHWc optimiser makes the same substitution by itself, so
 the rewrite only matters for int8, and quantize applies it.
 
