@@ -36,9 +36,10 @@ def preprocess(images: np.ndarray, spec: InputSpec, flip: bool = False) -> np.nd
         x = x[:, :, ::-1, :]
     if spec.channels == "BGR":
         x = x[..., ::-1]
-    out = x.transpose(0, 3, 1, 2).astype(np.float32)
+    # Laid out as NCHW while still uint8 (a quarter of the bytes to move), then scaled in place: the same
+    # float32 values as converting the strided view, a few times faster on a verification set.
+    out = np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float32)
     if spec.scale == "mean_std":
-        mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
-        std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
-        out = (out - mean) / std
-    return np.ascontiguousarray(out, dtype=np.float32)
+        out -= np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        out /= np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return out
