@@ -36,7 +36,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pipeline.runtime import graph as onnxutil
-from pipeline.eval.embeddings import agreement, embed_each
+from pipeline.eval.embeddings import Agreement, agreement, embed_each
 from pipeline.runtime.session import OnnxModel
 from pipeline.core.errors import UserError
 from pipeline.core.files import atomic_path
@@ -549,8 +549,9 @@ def _equivalence_gate(
             batched = agreement(want[idx], got_b)
             cos = np.concatenate([cos, batched.cosines])
             diff = max(diff, batched.max_abs)
-    worst = float(np.min(cos)) if not np.isnan(cos).any() else float("nan")
-    if not np.all(cos >= min_cosine):
+    checked = Agreement(cosines=cos, max_abs=diff)
+    worst = checked.worst
+    if not checked.holds(min_cosine):
         bad = int(np.sum(~(cos >= min_cosine)))
         raise UserError(
             f"equivalence gate failed: worst embedding cosine {worst:.7f} < {min_cosine} "

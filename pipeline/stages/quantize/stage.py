@@ -301,10 +301,15 @@ def quantize(
     )
 
 
+def _allowed_forms(scheme: QuantScheme, q: "QuantizationSection") -> tuple[bool, bool]:
+    """Which int8-form rewrites the recipe allows: (PRelu, BatchNormalization); an excluded op type stays as it is."""
+    return scheme.prelu_form is not None and "PRelu" not in q.op_types_to_exclude, "BatchNormalization" not in q.op_types_to_exclude
+
+
 def _has_int8_forms(model: "onnx.ModelProto", scheme: QuantScheme, q: "QuantizationSection") -> bool:
     """Whether :func:`_express_int8_forms` would have anything to rewrite in ``model``."""
-    prelu = scheme.prelu_form is not None and "PRelu" not in q.op_types_to_exclude and count_prelu(model) > 0
-    return prelu or ("BatchNormalization" not in q.op_types_to_exclude and bool(standalone_batchnorms(model)))
+    prelu, batchnorm = _allowed_forms(scheme, q)
+    return (prelu and count_prelu(model) > 0) or (batchnorm and bool(standalone_batchnorms(model)))
 
 
 def _express_int8_forms(
@@ -321,10 +326,9 @@ def _express_int8_forms(
 
         load_external_data_for_model(model, str(path.parent))
     exclude = set(q.nodes_to_exclude)
-    prelu = None
-    if scheme.prelu_form is not None and "PRelu" not in q.op_types_to_exclude:
-        prelu = rewrite_prelu(model, scheme.prelu_form, exclude=exclude)
-    batchnorm = rewrite_batchnorm(model, exclude=exclude) if "BatchNormalization" not in q.op_types_to_exclude else None
+    allow_prelu, allow_batchnorm = _allowed_forms(scheme, q)
+    prelu = rewrite_prelu(model, scheme.prelu_form, exclude=exclude) if allow_prelu else None
+    batchnorm = rewrite_batchnorm(model, exclude=exclude) if allow_batchnorm else None
     return (prelu if prelu is not None and prelu.changed else None), (batchnorm if batchnorm is not None and batchnorm.changed else None)
 
 
